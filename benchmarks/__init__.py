@@ -1,0 +1,1 @@
+"""Latency benchmarks (sphinx_edge.benchmarks)."""

@@ -1,0 +1,54 @@
+"""Checkpoint readers and writers: LLaMA2-Accessory, Hugging Face parts, our own safetensors format.
+
+`load_model(path)` detects the format of a directory and returns a ready SphinxModel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sphinx_edge.checkpoints.strict import CheckpointError
+
+__all__ = ["CheckpointError", "load_model", "tokenizer_path"]
+
+
+def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
+    """A SphinxModel from a sphinx-edge or LLaMA2-Accessory directory.
+
+    `size` (optional) names the expected size: a checkpoint of another family or shape is refused.
+    """
+    import torch
+
+    from sphinx_edge.checkpoints.accessory import is_accessory_dir, read_accessory
+    from sphinx_edge.checkpoints.native import is_native_dir, read_native
+    from sphinx_edge.checkpoints.strict import load_strict
+    from sphinx_edge.model.sphinx import SphinxModel
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file; expected a checkpoint directory")
+    if is_native_dir(path):
+        config, state = read_native(path)
+        if size and config.name != size:
+            raise CheckpointError(f"{path} holds a {config.name!r} model ({config.llm.family}), not {size!r}")
+    elif is_accessory_dir(path):
+        config, state = read_accessory(path, size)
+    elif (path / "config.json").exists():
+        raise CheckpointError(
+            f"{path} looks like a Hugging Face LLM checkpoint: it is one part of a SPHINX model. "
+            "Assemble a model from parts with `sphinx-edge assemble`."
+        )
+    else:
+        raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
+    with torch.device("meta"):
+        model = SphinxModel(config).to(dtype or torch.float32)
+    load_strict(model, state, f"checkpoint {path}")
+    return model.eval()
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path | None:
+    file = Path(path) / "tokenizer.model"
+    return file if file.exists() else None

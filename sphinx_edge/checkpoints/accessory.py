@@ -1,0 +1,247 @@
+"""Released SPHINX directories (LLaMA2-Accessory format): read, merging tensor-parallel shards; write.
+
+A directory holds `meta.json` ({"llama_type": ...}), `config.json` (model args),
+`tokenizer.model` and `consolidated.{rank:02d}-of-{mp:02d}.model.pth` files of `{"model": state}`
+with `llma.`-prefixed keys. Shards split column-parallel weights (wq, wk, wv, w1, w3, output) on
+dim 0, row-parallel ones (wo, w2) and the embedding on dim 1; everything else is replicated.
+Accessory's sparse Mixtral stacks experts as [E * hidden / mp, dim] for w1, w2 and w3 alike
+(w2 transposed), merged per expert (`_sparse_expert_merge` in mixtral_sparse_ens5.py).
+Accessory rotates interleaved RoPE pairs; q/k rows are permuted to our rotate-half form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from sphinx_edge.checkpoints.convert import (
+    fuse_qkv,
+    half_to_interleaved,
+    interleaved_to_half,
+    internlm2_wqkv_to_fused,
+    split_qkv,
+)
+from sphinx_edge.checkpoints.strict import CheckpointError
+from sphinx_edge.config import SIZES, SphinxConfig
+from sphinx_edge.io import atomic_path, write_text_atomic
+
+# llama_type -> LLM family, for the two-expert ("light") Mixture of Visual experts we implement.
+LIGHT_TYPES = {"llama_ens5_light": "llama", "internlm_ems5_light": "internlm2"}
+# The four-expert ensembles (+ CLIP ViT-L/14 and a BLIP-2 Q-Former) of the released Plus and MoE.
+FULL_ENSEMBLE_TYPES = ("llama_ens", "llama_ens5", "llama_ens10", "mixtral_sparse_ens", "mixtral_sparse_ens5")
+
+SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.pth$")
+ENCODER_PREFIXES = {"openclip_convnext_xxl.": "convnext.", "dinov2_vitg14.": "dinov2."}
+DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wqkv.weight",
+        "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+SPARSE_EXPERTS = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def is_accessory_dir(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "meta.json").exists() or any(SHARD_RE.search(p.name) for p in path.glob("consolidated.*.pth"))
+
+
+def _shard_files(path: Path) -> list[Path]:
+    found = {}
+    for p in path.glob("consolidated.*.model.pth"):
+        m = SHARD_RE.search(p.name)
+        if m:
+            found[(int(m[1]), int(m[2]))] = p
+    if not found:
+        raise CheckpointError(f"{path} holds no consolidated.NN-of-MM.model.pth shard")
+    mps = {mp for _, mp in found}
+    if len(mps) != 1:
+        raise CheckpointError(f"{path} mixes shards of different parallel sizes: {sorted(mps)}")
+    mp = mps.pop()
+    missing = [r for r in range(mp) if (r, mp) not in found]
+    if missing:
+        raise CheckpointError(f"{path}: shards {missing} of {mp} are missing (a partial download?)")
+    return [found[(r, mp)] for r in range(mp)]
+
+
+def _merge_rule(key: str, n_experts: int):
+    """How shards of `key` combine: a concat dim, 'experts' or None (replicated)."""
+    if n_experts and key.endswith(SPARSE_EXPERTS):
+        return "experts"
+    if key.endswith(DIM0):
+        return 0
+    if key.endswith(DIM1):
+        return 1
+    return None
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]], n_experts: int = 0) -> dict[str, torch.Tensor]:
+    merged = {}
+    for key in shards[0]:
+        parts = [s[key] for s in shards]
+        rule = _merge_rule(key, n_experts)
+        if rule == "experts":
+            merged[key] = torch.cat([p.view(n_experts, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
+        elif rule is None or len(parts) == 1:
+            merged[key] = parts[0]
+        else:
+            merged[key] = torch.cat(parts, dim=rule)
+    return merged
+
+
+def split_shards(state: dict[str, torch.Tensor], mp: int, n_experts: int = 0) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(mp)]
+    for key, t in state.items():
+        rule = _merge_rule(key, n_experts)
+        if rule == "experts":
+            parts = [c.flatten(0, 1) for c in t.view(n_experts, -1, t.shape[-1]).chunk(mp, dim=1)]
+        elif rule is None:
+            parts = [t] * mp
+        else:
+            parts = list(t.chunk(mp, dim=rule))
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone()
+    return shards
+
+
+def _base_config(path: Path, meta: dict, state: dict, size: str | None) -> SphinxConfig:
+    llama_type = meta.get("llama_type", "")
+    if llama_type in FULL_ENSEMBLE_TYPES or any(k.startswith(("llma.clip.", "llma.qformer.")) for k in state):
+        raise CheckpointError(
+            f"{path} is a '{llama_type}' checkpoint: its Mixture of Visual experts also has CLIP ViT-L/14 "
+            "and a BLIP-2 Q-Former, which sphinx-edge does not implement yet (it implements the "
+            "ConvNeXt + DINOv2 'light' ensemble of SPHINX-Tiny)"
+        )
+    family = LIGHT_TYPES.get(llama_type)
+    if family is None:
+        raise CheckpointError(
+            f"{path}: llama_type {llama_type!r} is not a SPHINX model sphinx-edge reads "
+            f"(known: {', '.join(LIGHT_TYPES)})"
+        )
+    base = SIZES[size] if size else next(c for c in SIZES.values() if c.llama_type == llama_type)
+    if base.llm.family != family:
+        raise CheckpointError(
+            f"{path} is a {family} model ({llama_type}), but size {base.name!r} is a {base.llm.family} model"
+        )
+    return base
+
+
+def _resolve_config(path: Path, base: SphinxConfig, args: dict, state: dict, size: str | None) -> SphinxConfig:
+    """`base` with the shapes the checkpoint declares (config.json) and holds (the FFN width)."""
+    w1 = state.get("llma.layers.0.feed_forward.w1.weight", state.get("llma.layers.0.feed_forward.w1"))
+    n_heads = args.get("n_heads", base.llm.n_heads)
+    llm = dataclasses.replace(
+        base.llm,
+        dim=args.get("dim", base.llm.dim),
+        n_layers=args.get("n_layers", base.llm.n_layers),
+        n_heads=n_heads,
+        n_kv_heads=args.get("n_kv_heads") or n_heads,
+        vocab_size=args.get("vocab_size", base.llm.vocab_size),
+        norm_eps=args.get("norm_eps", base.llm.norm_eps),
+        rope_theta=float(args.get("rope_theta", base.llm.rope_theta)),
+        max_seq_len=args.get("max_seq_len", base.llm.max_seq_len),
+        ffn_dim=w1.shape[0] // max(base.llm.n_experts, 1) if w1 is not None else base.llm.ffn_dim,
+    )
+    if size:
+        diffs = [f"{f.name}: checkpoint {getattr(llm, f.name)} vs size {getattr(base.llm, f.name)}"
+                 for f in dataclasses.fields(llm)
+                 if f.name not in ("max_seq_len",) and getattr(llm, f.name) != getattr(base.llm, f.name)]
+        if diffs:
+            raise CheckpointError(f"{path} does not have the shape of size {size!r}:\n  " + "\n  ".join(diffs))
+    layout = "sphinx-x" if "llma.skip" in state else "sphinx-1k"
+    return dataclasses.replace(base, llm=llm, layout=layout)
+
+
+def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
+    cfg = config.llm
+    out = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        if not key.startswith("llma."):
+            raise CheckpointError(f"unexpected key {key!r}: LLaMA2-Accessory keys start with 'llma.'")
+        key = key[len("llma."):]
+        enc = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
+        if enc:
+            out[ENCODER_PREFIXES[enc] + key[len(enc):]] = t
+        elif key.startswith(("visual_proj.", "start_img", "end_img", "skip")):
+            out[key] = t
+        elif m := re.match(r"layers\.(\d+)\.attention\.(wq|wk|wv)\.weight$", key):
+            qkv.setdefault(m[1], {})[m[2]] = t
+        elif key.endswith("attention.wqkv.weight"):
+            out["llm." + key] = internlm2_wqkv_to_fused(t, cfg)
+        elif cfg.n_experts and key.endswith(SPARSE_EXPERTS):
+            experts = t.view(cfg.n_experts, -1, cfg.dim)  # [E, hidden, dim]
+            out["llm." + key] = experts.transpose(1, 2).contiguous() if key.endswith("w2") else experts
+        else:
+            out["llm." + key] = t
+    for layer, parts in qkv.items():
+        if set(parts) != {"wq", "wk", "wv"}:
+            raise CheckpointError(f"layer {layer} lacks attention weights {sorted({'wq', 'wk', 'wv'} - set(parts))}")
+        q = interleaved_to_half(parts["wq"], cfg.n_heads)
+        k = interleaved_to_half(parts["wk"], cfg.n_kv_heads)
+        out[f"llm.layers.{layer}.attention.wqkv.weight"] = fuse_qkv(q, k, parts["wv"])
+    return out
+
+
+def from_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
+    cfg = config.llm
+    inverse = {v: k for k, v in ENCODER_PREFIXES.items()}
+    out = {}
+    for key, t in state.items():
+        enc = next((p for p in inverse if key.startswith(p)), None)
+        if enc:
+            out["llma." + inverse[enc] + key[len(enc):]] = t
+        elif not key.startswith("llm."):
+            out["llma." + key] = t
+        elif key.endswith("attention.wqkv.weight"):
+            prefix = "llma." + key[len("llm."):-len("wqkv.weight")]
+            q, k, v = split_qkv(t, cfg)
+            out[prefix + "wq.weight"] = half_to_interleaved(q, cfg.n_heads)
+            out[prefix + "wk.weight"] = half_to_interleaved(k, cfg.n_kv_heads)
+            out[prefix + "wv.weight"] = v
+        elif cfg.n_experts and key.endswith(SPARSE_EXPERTS):
+            experts = t.transpose(1, 2) if key.endswith("w2") else t
+            out["llma." + key[len("llm."):]] = experts.reshape(-1, cfg.dim).contiguous()
+        else:
+            out["llma." + key[len("llm."):]] = t
+    return out
+
+
+def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[SphinxConfig, dict[str, torch.Tensor]]:
+    """Config and merged state dict (in our names) of a released SPHINX directory."""
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise CheckpointError(f"{path} has no meta.json: not a LLaMA2-Accessory checkpoint directory")
+    meta = json.loads((path / "meta.json").read_text())
+    args = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    shards = []
+    for file in _shard_files(path):
+        try:
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+        if not isinstance(shard, dict) or not isinstance(shard.get("model"), dict):
+            raise CheckpointError(f"{file} does not hold {{'model': state_dict}}")
+        shards.append(shard["model"])
+    base = _base_config(path, meta, shards[0], size)
+    state = merge_shards(shards, base.llm.n_experts)
+    config = _resolve_config(path, base, args, state, size)
+    return config, to_our_names(state, config)
+
+
+def write_accessory(model, path: str | os.PathLike, mp: int = 1) -> None:
+    """Writes a model as a LLaMA2-Accessory directory with `mp` tensor-parallel shards."""
+    config: SphinxConfig = model.config
+    path = Path(path)
+    cfg = config.llm
+    state = from_our_names({k: v.detach() for k, v in model.state_dict().items()}, config)
+    for rank, shard in enumerate(split_shards(state, mp, cfg.n_experts)):
+        with atomic_path(path / f"consolidated.{rank:02d}-of-{mp:02d}.model.pth") as tmp:
+            torch.save({"model": shard}, tmp)
+    args = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+            "vocab_size": cfg.vocab_size, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "max_seq_len": cfg.max_seq_len}
+    write_text_atomic(path / "config.json", json.dumps(args, indent=2))
+    write_text_atomic(path / "meta.json", json.dumps({"llama_type": config.llama_type}))

@@ -1,0 +1,70 @@
+"""Our own checkpoint format: config.json + model.safetensors + tokenizer files, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sphinx_edge.checkpoints.strict import CheckpointError
+from sphinx_edge.config import SphinxConfig
+from sphinx_edge.io import atomic_path, write_text_atomic
+
+FORMAT = "sphinx-edge"
+VERSION = 1
+TOKENIZER_FILES = ("tokenizer.model",)
+
+
+def is_native_dir(path: str | os.PathLike) -> bool:
+    file = Path(path) / "config.json"
+    if not file.exists():
+        return False
+    try:
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def save_native(model, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
+    """Writes `model` (a SphinxModel) to the directory `path`; `tokenizer` is a tokenizer.model to copy."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    if tokenizer is not None:
+        with atomic_path(path / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer, tmp)
+    # config.json last: its presence marks the directory as complete.
+    meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict()}
+    write_text_atomic(path / "config.json", json.dumps(meta, indent=2))
+    return path
+
+
+def read_native(path: str | os.PathLike) -> tuple[SphinxConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / 'config.json'} is not a sphinx-edge config")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} is format version {meta.get('version')}; this sphinx-edge reads {VERSION}")
+    try:
+        config = SphinxConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {e}") from e
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{path} has a config.json but no model.safetensors")
+    try:
+        return config, load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise CheckpointError(f"cannot read {weights}: {e}") from e

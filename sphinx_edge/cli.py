@@ -1,0 +1,212 @@
+"""`sphinx-edge`: the command line. Wiring only; heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sphinx_edge.config import LAYOUTS, SIZES, get_config, parameter_counts
+
+app = typer.Typer(
+    help="SPHINX-X multimodal LLMs on edge devices: inspect, load, convert and run models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+SAMPLES = Path(__file__).parent / "assets"
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n:,}"
+
+
+@app.command()
+def info(
+    size: Annotated[Optional[str], typer.Option(help=f"One size ({', '.join(SIZES)}); all sizes if omitted.")] = None,
+) -> None:
+    """Configuration and parameter counts of every size (computed, nothing is allocated)."""
+    try:
+        configs = [get_config(size)] if size else list(SIZES.values())
+    except ValueError as e:
+        fail(str(e))
+    table = Table(title="SPHINX-X sizes")
+    for col in ("size", "model", "LLM (dim/layers/heads/kv/ffn/vocab)", "LLM params", "ConvNeXt", "DINOv2",
+                "projector+special", "total", "layout", "image tokens"):
+        table.add_column(col, justify="right" if "param" in col or col in ("total", "ConvNeXt", "DINOv2") else "left")
+    for c in configs:
+        n = parameter_counts(c)
+        llm = c.llm
+        shape = f"{llm.family} {llm.dim}/{llm.n_layers}/{llm.n_heads}/{llm.n_kv_heads}/{llm.ffn_dim}/{llm.vocab_size}"
+        if llm.n_experts:
+            shape += f" x{llm.n_experts} experts top-{llm.n_experts_per_tok}"
+        tokens = f"{(c.grid**2 + 1) * c.tokens_per_view} max"
+        table.add_row(c.name, c.paper_name, shape, _billions(n["llm"]), _billions(n["convnext"]),
+                      _billions(n["dinov2"]), _billions(n["projector"]), _billions(n["total"]), c.layout, tokens)
+    console.print(table)
+
+
+@app.command()
+def tiles(
+    images: Annotated[list[Path], typer.Argument(help="Image files to plan (any format pillow reads).")],
+    size: Annotated[str, typer.Option(help="Size whose view sizes to use.")] = "tiny",
+    layout: Annotated[Optional[str], typer.Option(help=f"Override the layout: {' or '.join(LAYOUTS)}.")] = None,
+) -> None:
+    """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free)."""
+    from sphinx_edge.layout import ImageLoadError, load_image, plan_tiles
+
+    cfg = get_config(size)
+    layout = layout or cfg.layout
+    table = Table(title=f"tiling for {size} ({layout}, grid {cfg.grid})")
+    for col in ("image", "size", "encoded tiles", "skipped", "views", "image tokens", "vs all tiles"):
+        table.add_column(col)
+    full = (cfg.grid**2 + 1) * cfg.tokens_per_view
+    for path in images:
+        try:
+            w, h = load_image(path).size
+            plan = plan_tiles(w, h, layout=layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
+                              dino_size=cfg.dinov2.image_size)
+        except (ImageLoadError, ValueError) as e:
+            fail(str(e))
+        marks = "".join("#" if e else "." for e in plan.encoded)
+        n = plan.n_image_tokens(cfg.tokens_per_view)
+        table.add_row(path.name, f"{w}x{h}", marks, str(plan.n_skipped), str(plan.n_views), str(n),
+                      f"{(n - full) / full:+.0%}")
+    console.print(table)
+
+
+def _load(checkpoint: Optional[Path], size: Optional[str]):
+    from sphinx_edge.checkpoints import CheckpointError, load_model
+
+    if checkpoint is None:
+        fail("give --checkpoint DIR (a sphinx-edge or LLaMA2-Accessory directory)")
+    try:
+        return load_model(checkpoint, size)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The question.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Expected size; another one is refused.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model (default: the checkpoint's).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Answer a question about an image with the PyTorch model, streaming the answer."""
+    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.generate import PromptTooLongError, generate as run
+    from sphinx_edge.layout import ImageLoadError
+    from sphinx_edge.tokenizer import Tokenizer, TokenizerError
+
+    model = _load(checkpoint, size)
+    tok_file = tokenizer or tokenizer_path(checkpoint)
+    if tok_file is None:
+        fail(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
+    try:
+        tok = Tokenizer(tok_file)
+        start = time.perf_counter()
+        out = run(model, tok, prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
+    except (ImageLoadError, PromptTooLongError, TokenizerError) as e:
+        fail(str(e))
+    console.print()
+    console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} generated, "
+                  f"stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A sphinx-edge or LLaMA2-Accessory model directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory (sphinx-edge format).")],
+    size: Annotated[Optional[str], typer.Option(help="Expected size; another one is refused.")] = None,
+) -> None:
+    """Convert a released SPHINX directory to the sphinx-edge format (safetensors)."""
+    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.checkpoints.native import save_native
+
+    model = _load(source, size)
+    save_native(model, out, tokenizer=tokenizer_path(source))
+    console.print(f"wrote {out} ({model.config.name}, layout {model.config.layout})")
+
+
+@app.command()
+def assemble(
+    size: Annotated[str, typer.Option(help="The size to build.")],
+    out: Annotated[Path, typer.Option(help="Output directory (sphinx-edge format).")],
+    llm: Annotated[Optional[Path], typer.Option(help="Hugging Face LLM directory (Llama / Mixtral / InternLM2).")] = None,
+    dinov2: Annotated[Optional[Path], typer.Option(help="DINOv2 torch-hub weights (.pth).")] = None,
+    convnext: Annotated[Optional[Path], typer.Option(help="timm / open_clip ConvNeXt weights.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model to ship with the model.")] = None,
+) -> None:
+    """Assemble a SPHINX model from released parts; the projector and special embeddings start fresh."""
+    from sphinx_edge.checkpoints import CheckpointError
+    from sphinx_edge.checkpoints.hf import assemble_from_parts
+    from sphinx_edge.checkpoints.native import save_native
+
+    try:
+        model = assemble_from_parts(get_config(size), llm=llm, dinov2=dinov2, convnext=convnext)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    save_native(model, out, tokenizer=tokenizer)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def demo(size: Annotated[str, typer.Option(help="Size of the random-weight model to run.")] = "test-tiny") -> None:
+    """The bundled default: size table, tiling of the sample images, a forward pass of a small model."""
+    info(size=None)
+    samples = sorted(SAMPLES.glob("*.png"))
+    tiles(samples, size="tiny", layout=None)
+    tiles(samples, size="tiny", layout="sphinx-1k")
+
+    import torch
+
+    from sphinx_edge.layout import image_segments, preprocess
+    from sphinx_edge.model.sphinx import build_model
+
+    cfg = get_config(size)
+    model = build_model(cfg).eval()
+    table = Table(title=f"random-weight {size}: prefill + 16 greedy decode steps")
+    for col in ("image", "views", "sequence", "encode ms", "prefill ms", "decode ms/token"):
+        table.add_column(col)
+    with torch.inference_mode():
+        for path in samples:
+            plan, cv, dv = preprocess(path, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
+                                      dino_size=cfg.dinov2.image_size)
+            t0 = time.perf_counter()
+            views = model.encode_views(torch.from_numpy(cv), torch.from_numpy(dv))
+            t1 = time.perf_counter()
+            embeds = model.embed_sequence(torch.tensor([1, 5, 6, 7]), views, image_segments(plan))
+            model.llm.setup_caches(max_seq_len=embeds.shape[1] + 16)
+            logits = model.llm(embeds, torch.arange(embeds.shape[1]), last_logits_only=True)
+            t2 = time.perf_counter()
+            for step in range(16):
+                token = logits[0, -1].argmax().view(1, 1)
+                logits = model.llm(model.llm.tok_embeddings(token), torch.tensor([embeds.shape[1] + step]))
+            t3 = time.perf_counter()
+            model.llm.clear_caches()
+            table.add_row(path.name, str(plan.n_views), str(embeds.shape[1]), f"{(t1 - t0) * 1e3:.1f}",
+                          f"{(t2 - t1) * 1e3:.1f}", f"{(t3 - t2) * 1e3 / 16:.2f}")
+    console.print(table)
+    console.print("[dim]Trained weights: `sphinx-edge convert` a released SPHINX-Tiny directory, then "
+                  "`sphinx-edge generate --checkpoint DIR --image IMG \"question\"`.[/]")
+
+
+if __name__ == "__main__":
+    app()

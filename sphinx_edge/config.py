@@ -1,0 +1,289 @@
+"""Size registry: every SPHINX-X size and the small test sizes.
+
+All model facts live here (DESIGN.md section 2), so that a correction is a one-line change.
+Torch-free: the runtime reads configs from export manifests through `SphinxConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LLM_FAMILIES = ("llama", "internlm2", "mixtral")
+LAYOUTS = ("sphinx-1k", "sphinx-x")
+
+
+def llama_ffn_dim(dim: int, multiple_of: int = 256) -> int:
+    """LLaMA2-Accessory's FFN rule: 256 * ceil(int(8 * dim / 3) / 256) (TinyLlama 2048 -> 5632)."""
+    return multiple_of * math.ceil(int(8 * dim / 3) / multiple_of)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    family: str  # one of LLM_FAMILIES
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    n_experts: int = 0  # > 0 only for the mixtral family
+    n_experts_per_tok: int = 2
+
+    def __post_init__(self) -> None:
+        if self.family not in LLM_FAMILIES:
+            raise ValueError(f"unknown LLM family {self.family!r}; expected one of {LLM_FAMILIES}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, heads {self.n_heads}, kv heads {self.n_kv_heads} do not divide")
+        if (self.family == "mixtral") != (self.n_experts > 0):
+            raise ValueError("n_experts > 0 exactly when family is 'mixtral'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
+class ConvNeXtConfig:
+    """CLIP-ConvNeXt (open_clip / timm ConvNeXt). Output stride is 32."""
+
+    depths: tuple[int, ...] = (3, 4, 30, 3)
+    dims: tuple[int, ...] = (384, 768, 1536, 3072)
+    norm_eps: float = 1e-5
+    mlp_ratio: int = 4
+    image_size: int = 512  # the side of one view (the ConvNeXt tile)
+
+    @property
+    def out_dim(self) -> int:
+        return self.dims[-1]
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // 32) ** 2
+
+
+@dataclass(frozen=True)
+class DINOv2Config:
+    """DINOv2 ViT (hub layout, no registers)."""
+
+    embed_dim: int = 1536
+    depth: int = 40
+    n_heads: int = 24
+    patch_size: int = 14
+    ffn: str = "swiglu"  # "swiglu" (fused w12/w3, ViT-g) or "mlp" (fc1/fc2, ViT-S/B/L)
+    mlp_ratio: float = 4.0
+    pos_grid: int = 37  # stored position embeddings: pos_grid x pos_grid (+ CLS)
+    interpolate_offset: float = 0.1
+    norm_eps: float = 1e-6
+    image_size: int = 224  # the side of one view
+
+    def __post_init__(self) -> None:
+        if self.ffn not in ("swiglu", "mlp"):
+            raise ValueError(f"unknown DINOv2 ffn {self.ffn!r}")
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.ffn == "swiglu":  # DINOv2's SwiGLUFFNFused rounding: 6144 -> 4096 for ViT-g
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class SphinxConfig:
+    name: str
+    llm: LLMConfig
+    convnext: ConvNeXtConfig = field(default_factory=ConvNeXtConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    layout: str = "sphinx-x"  # one of LAYOUTS
+    grid: int = 2  # tiles per side of the canvas
+    paper_name: str = ""
+    llama_type: str = "llama_ens5_light"  # LLaMA2-Accessory's meta.json name for this model kind
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.layout == "sphinx-1k" and self.grid != 2:
+            raise ValueError("the sphinx-1k layout has a fixed 2x2 grid")
+        if self.convnext.n_patches != self.dinov2.n_patches:
+            raise ValueError(
+                f"ConvNeXt ({self.convnext.n_patches}) and DINOv2 ({self.dinov2.n_patches}) "
+                "patch counts differ; their features are concatenated per token"
+            )
+
+    @property
+    def vision_dim(self) -> int:
+        return self.convnext.out_dim + self.dinov2.embed_dim
+
+    @property
+    def tokens_per_view(self) -> int:
+        """start_img + (pooled + patch tokens) + end_img: 259 for the released models."""
+        return self.convnext.n_patches + 3
+
+    @property
+    def n_special_tokens(self) -> int:
+        return 3  # skip, start_img, end_img: ids just past the text vocabulary
+
+    @property
+    def skip_id(self) -> int:
+        return self.llm.vocab_size
+
+    @property
+    def start_img_id(self) -> int:
+        return self.llm.vocab_size + 1
+
+    @property
+    def end_img_id(self) -> int:
+        return self.llm.vocab_size + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SphinxConfig:
+        data = dict(data)
+        try:
+            parts = {
+                "llm": _build(LLMConfig, data.pop("llm")),
+                "convnext": _build(ConvNeXtConfig, data.pop("convnext", {})),
+                "dinov2": _build(DINOv2Config, data.pop("dinov2", {})),
+            }
+        except KeyError as e:
+            raise ValueError(f"model config lacks the {e.args[0]!r} section") from None
+        return _build(cls, {**data, **parts})
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# --- The registry -----------------------------------------------------------------------------
+# `plus` and `moe` pair their LLM backbones with the same two-expert MoV as `tiny`. The released
+# SPHINX-Plus / SPHINX-MoE checkpoints (llama_ens5 / mixtral_sparse_ens5) add CLIP ViT-L/14 and a
+# BLIP-2 Q-Former as further experts; reading those is not implemented yet (checkpoints/accessory).
+# The llama_type of intern2 (`internlm_ems5_light`) is inferred from LLaMA2-Accessory's naming.
+
+_CLIP_CONVNEXT_XXL = ConvNeXtConfig()
+_DINOV2_VITG14 = DINOv2Config()
+
+# Small encoders for tests: a 64 px ConvNeXt tile gives 2x2 patches, matching a 28 px DINOv2 view.
+# pos_grid 3 != 2 exercises position-embedding interpolation, as 37 -> 16 does at full size.
+_TEST_CONVNEXT = ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), image_size=64)
+_TEST_DINOV2 = DINOv2Config(embed_dim=24, depth=2, n_heads=2, pos_grid=3, image_size=28)
+
+
+def _full(name: str, paper: str, llm: LLMConfig, llama_type: str, layout: str = "sphinx-x") -> SphinxConfig:
+    return SphinxConfig(name, llm, _CLIP_CONVNEXT_XXL, _DINOV2_VITG14, layout, 2, paper, llama_type)
+
+
+_LIGHT_TYPES = {"llama": "llama_ens5_light", "internlm2": "internlm_ems5_light", "mixtral": "mixtral_sparse_ens5"}
+
+
+def _test(name: str, llm: LLMConfig, layout: str = "sphinx-x") -> SphinxConfig:
+    paper = f"test size of the {llm.family} family"
+    return SphinxConfig(name, llm, _TEST_CONVNEXT, _TEST_DINOV2, layout, 2, paper, _LIGHT_TYPES[llm.family])
+
+
+SIZES: dict[str, SphinxConfig] = {
+    c.name: c
+    for c in [
+        _full(
+            "tiny",
+            "SPHINX-Tiny",
+            LLMConfig("llama", 2048, 22, 32, 4, llama_ffn_dim(2048), 32000),
+            "llama_ens5_light",
+        ),
+        _full(
+            "intern2",
+            "SPHINX-Intern2",
+            LLMConfig("internlm2", 4096, 32, 32, 8, 14336, 92544, rope_theta=1e6),
+            "internlm_ems5_light",
+        ),
+        _full(
+            "plus",
+            "SPHINX-Plus",
+            LLMConfig("llama", 5120, 40, 40, 40, 13824, 32000),
+            "llama_ens5",
+        ),
+        _full(
+            "moe",
+            "SPHINX-MoE",
+            LLMConfig("mixtral", 4096, 32, 32, 8, 14336, 32000, rope_theta=1e6, n_experts=8),
+            "mixtral_sparse_ens5",
+        ),
+        _test("test-tiny", LLMConfig("llama", 32, 2, 4, 2, llama_ffn_dim(32, 16), 256, max_seq_len=512)),
+        _test(
+            "test-intern2",
+            LLMConfig("internlm2", 32, 2, 4, 2, 64, 256, rope_theta=1e6, max_seq_len=512),
+        ),
+        _test("test-plus", LLMConfig("llama", 32, 2, 4, 4, 64, 256, max_seq_len=512)),
+        _test(
+            "test-moe",
+            LLMConfig("mixtral", 32, 2, 4, 2, 48, 256, rope_theta=1e6, max_seq_len=512, n_experts=4),
+        ),
+        _test("test-1k", LLMConfig("llama", 32, 2, 4, 2, 64, 256, max_seq_len=512), layout="sphinx-1k"),
+    ]
+}
+
+
+def get_config(size: str) -> SphinxConfig:
+    try:
+        return SIZES[size]
+    except KeyError:
+        raise ValueError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}") from None
+
+
+# --- Parameter counts -------------------------------------------------------------------------
+# Exact closed forms, so that `sphinx-edge info` answers without importing torch (1-2 s here).
+# tests/test_config.py checks each against the modules built on the meta device.
+
+
+def llm_parameters(c: LLMConfig) -> int:
+    attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+    ffn = 3 * c.dim * c.ffn_dim * max(c.n_experts, 1) + c.dim * c.n_experts  # + router
+    return 2 * c.vocab_size * c.dim + c.dim + c.n_layers * (attn + ffn + 2 * c.dim)
+
+
+def convnext_parameters(c: ConvNeXtConfig) -> int:
+    total = 3 * 16 * c.dims[0] + c.dims[0] + 2 * c.dims[0]  # stem conv + LayerNorm2d
+    for i, (depth, d) in enumerate(zip(c.depths, c.dims)):
+        if i:
+            prev = c.dims[i - 1]
+            total += 2 * prev + prev * d * 4 + d  # LayerNorm2d + 2x2 conv
+        hidden = c.mlp_ratio * d
+        total += depth * ((49 + 1) * d + 2 * d + (d + 1) * hidden + (hidden + 1) * d + d)
+    return total + 2 * c.dims[-1]  # head.norm
+
+
+def dinov2_parameters(c: DINOv2Config) -> int:
+    d, h = c.embed_dim, c.ffn_hidden
+    embed = d * 3 * c.patch_size**2 + d + d * (2 + 1 + c.pos_grid**2)  # patch conv, cls, mask, pos
+    mlp = (d + 1) * 2 * h + (h + 1) * d if c.ffn == "swiglu" else (d + 1) * h + (h + 1) * d
+    block = 2 * d + (d + 1) * 3 * d + (d + 1) * d + d + 2 * d + mlp + d
+    return embed + c.depth * block + 2 * d
+
+
+def parameter_counts(c: SphinxConfig) -> dict[str, int]:
+    dim = c.llm.dim
+    counts = {
+        "llm": llm_parameters(c.llm),
+        "convnext": convnext_parameters(c.convnext),
+        "dinov2": dinov2_parameters(c.dinov2),
+        # visual_proj (Linear + LayerNorm), start_img, end_img and, in sphinx-x, skip
+        "projector": (c.vision_dim + 1) * dim + 2 * dim + (3 if c.layout == "sphinx-x" else 2) * dim,
+    }
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,95 @@
+"""Text generation with the PyTorch model: image -> views -> prefill -> KV-cache decode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sphinx_edge.decoding import TextStream, choose_token
+from sphinx_edge.layout import ImageSource, image_segments, preprocess
+from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.prompt import format_prompt
+from sphinx_edge.tokenizer import Tokenizer
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_len: int  # sequence length before generation (image tokens included)
+    image_tokens: int
+    stop_reason: str  # "stop" (a stop string), "eos" or "length"
+
+
+def build_inputs(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: ImageSource | None) -> tuple[torch.Tensor, int]:
+    """Embeddings [1, L, dim] of BOS + image tokens + prompt, and the number of image tokens."""
+    cfg = model.config
+    ids = torch.tensor(tokenizer.encode(prompt, bos=True))
+    if image is None:
+        return model.embed_sequence(ids), 0
+    plan, convnext_views, dinov2_views = preprocess(
+        image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size
+    )
+    dtype = next(model.convnext.parameters()).dtype
+    views = model.encode_views(torch.from_numpy(convnext_views).to(dtype), torch.from_numpy(dinov2_views).to(dtype))
+    return model.embed_sequence(ids, views, image_segments(plan)), plan.n_image_tokens(cfg.tokens_per_view)
+
+
+@torch.inference_mode()
+def generate(
+    model: SphinxModel,
+    tokenizer: Tokenizer,
+    question: str | Sequence[tuple[str, str | None]],
+    image: ImageSource | None = None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> Generation:
+    """Answers `question` (or continues a list of (question, answer) turns) about `image`."""
+    turns = [(question, None)] if isinstance(question, str) else list(question)
+    embeds, image_tokens = build_inputs(model, tokenizer, format_prompt(turns), image)
+    prompt_len = embeds.shape[1]
+    limit = model.config.llm.max_seq_len
+    if prompt_len >= limit:
+        raise PromptTooLongError(
+            f"the prompt takes {prompt_len} tokens ({image_tokens} for the image); the context holds {limit}"
+        )
+    max_new_tokens = min(max_new_tokens, limit - prompt_len)
+    rng = np.random.default_rng(seed)
+    stream = TextStream(tokenizer.decode)
+    llm = model.llm
+    llm.setup_caches(max_seq_len=prompt_len + max_new_tokens)
+    stop_reason = "length"
+    try:
+        logits = llm(embeds, torch.arange(prompt_len), last_logits_only=True)
+        for step in range(max_new_tokens):
+            token = choose_token(logits[0, -1].float().numpy(), temperature, top_p, rng)
+            if token == tokenizer.eos_id:
+                stop_reason = "eos"
+                break
+            new_text = stream.push(token)
+            if new_text and on_text:
+                on_text(new_text)
+            if stream.stopped:
+                stop_reason = "stop"
+                break
+            if step + 1 == max_new_tokens:
+                break
+            position = torch.tensor([prompt_len + step])
+            logits = llm(llm.tok_embeddings(torch.tensor([[token]])), position)
+    finally:
+        llm.clear_caches()
+    tail = stream.finish()
+    if tail and on_text:
+        on_text(tail)
+    return Generation(stream.text, stream.ids, prompt_len, image_tokens, stop_reason)

@@ -1,0 +1,1 @@
+"""PyTorch modules of the SPHINX-X family."""

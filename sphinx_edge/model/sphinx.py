@@ -1,0 +1,118 @@
+"""The whole SPHINX-X model: Mixture of Visual experts + projector + special embeddings + LLM.
+
+A view is encoded by both experts (CLIP-ConvNeXt on a tile_size view, DINOv2 on a dino_size view),
+their tokens concatenated along channels (ConvNeXt first), projected by `visual_proj`
+(Linear -> LayerNorm) and wrapped by the learnable `start_img` / `end_img` embeddings. In the
+sphinx-x layout a fully padded tile is not encoded; one learnable `skip` embedding stands in its
+place. The image tokens follow BOS; text follows them (DESIGN.md 2.1, 2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sphinx_edge.config import SphinxConfig
+from sphinx_edge.model.convnext import ConvNeXt
+from sphinx_edge.model.dinov2 import DINOv2
+from sphinx_edge.model.llm import Transformer
+
+
+class SphinxModel(nn.Module):
+    def __init__(self, config: SphinxConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.llm.dim
+        self.llm = Transformer(config.llm)
+        self.convnext = ConvNeXt(config.convnext)
+        self.dinov2 = DINOv2(config.dinov2)
+        self.visual_proj = nn.Sequential(nn.Linear(config.vision_dim, dim), nn.LayerNorm(dim))
+        self.start_img = nn.Parameter(torch.empty(1, 1, dim))
+        self.end_img = nn.Parameter(torch.empty(1, 1, dim))
+        # The released sphinx-1k checkpoints have no skip embedding: every tile is encoded there.
+        self.skip = nn.Parameter(torch.empty(1, 1, dim)) if config.layout == "sphinx-x" else None
+
+    def encode_views(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
+        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, tokens_per_view, dim] embeddings."""
+        dtype = self.visual_proj[0].weight.dtype
+        features = torch.cat([self.convnext(convnext_views), self.dinov2(dinov2_views)], dim=-1)
+        tokens = self.visual_proj(features.to(dtype))
+        n = tokens.shape[0]
+        return torch.cat([self.start_img.expand(n, -1, -1), tokens, self.end_img.expand(n, -1, -1)], dim=1)
+
+    def embed_sequence(
+        self,
+        token_ids: torch.Tensor,
+        view_embeds: torch.Tensor | None = None,
+        segments: Sequence[tuple[str, int]] = (),
+    ) -> torch.Tensor:
+        """[1, L, dim]: BOS, then the image segments (encoded views / skips), then the rest of `token_ids`.
+
+        `token_ids` [T] starts with BOS; `segments` comes from `layout.image_segments(plan)`.
+        """
+        text = self.llm.tok_embeddings(token_ids)
+        pieces = [text[:1]]
+        for kind, index in segments:
+            if kind == "view":
+                pieces.append(view_embeds[index])
+            elif kind == "skip":
+                if self.skip is None:
+                    raise ValueError(f"the {self.config.layout} layout has no skip embedding")
+                pieces.append(self.skip[0])
+            else:
+                raise ValueError(f"unknown image segment {kind!r}")
+        pieces.append(text[1:])
+        return torch.cat([p.to(text.dtype) for p in pieces], dim=0)[None]
+
+    def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return self.llm(inputs_embeds, input_pos, **kw)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
+    """Random initialisation for training from scratch and latency work.
+
+    Layer scales start at 0.1 rather than the 1e-6 of a fresh ConvNeXt: a near-identity random
+    encoder would hide export and parity bugs behind vanishing activations.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def normal_(t: torch.Tensor, s: float = std) -> None:
+        t.copy_(torch.randn(t.shape, generator=gen) * s)
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            p.zero_()
+        elif leaf == "weight" and p.ndim == 1:  # LayerNorm / RMSNorm scales
+            p.fill_(1.0)
+        elif leaf == "gamma":
+            p.fill_(0.1)
+        elif leaf in ("start_img", "end_img", "skip"):
+            p.copy_(torch.rand(p.shape, generator=gen))
+        elif leaf in ("weight", "w1", "w2", "w3", "cls_token", "pos_embed", "mask_token"):
+            normal_(p)
+        else:
+            raise AssertionError(f"init_weights has no rule for parameter {name}")
+    return model
+
+
+def build_model(
+    config: SphinxConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+) -> SphinxModel:
+    """A randomly initialised model (use `device="meta"` to inspect shapes without memory)."""
+    with torch.device(device):
+        model = SphinxModel(config)
+    if str(device) != "meta":
+        init_weights(model, seed=seed)
+    return model.to(dtype)

@@ -1,0 +1,35 @@
+"""SentencePiece tokenizer (LLaMA / InternLM2 `tokenizer.model`). Torch-free: the runtime uses it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, model_file: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        path = Path(model_file)
+        if not path.exists():
+            raise TokenizerError(f"tokenizer file {path} does not exist")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{path} is not a SentencePiece model: {e}") from e
+        self.path = path
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.vocab_size: int = self.sp.vocab_size()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds([i for i in ids if 0 <= i < self.vocab_size])

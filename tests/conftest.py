@@ -1,0 +1,60 @@
+"""Shared fixtures: a SentencePiece tokenizer trained on the fly, small images, small models."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+CORPUS = """A chat between a curious human and an artificial intelligence assistant.
+The assistant gives helpful, detailed, and polite answers to the human's questions.
+### Human: What colour is the square? ### Assistant: red
+### Human: How many circles are there? ### Assistant: three
+Answer the question using a single word or phrase. blue green yellow one two four five
+What is written in the image? The number is 42. left right top bottom shape triangle
+"""
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> str:
+    """A tiny SentencePiece model (vocab <= 200 < the test sizes' 256)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    (d / "corpus.txt").write_text(CORPUS * 20)
+    spm.SentencePieceTrainer.Train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=200, model_type="unigram",
+        character_coverage=1.0, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    return str(d / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_file):
+    from sphinx_edge.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_file)
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic image with structure (gradients and a rectangle), not flat colour."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    rgb = (rgb + rng.integers(0, 30, rgb.shape)).clip(0, 255).astype("uint8")
+    rgb[height // 4 : height // 2, width // 4 : width // 2] = (200, 30, 30)
+    return Image.fromarray(rgb, "RGB")
+
+
+@pytest.fixture
+def model_factory():
+    """build(size) -> an eval-mode randomly initialised SphinxModel."""
+    from sphinx_edge.config import get_config
+    from sphinx_edge.model.sphinx import build_model
+
+    def build(size: str, seed: int = 0):
+        return build_model(get_config(size), seed=seed).eval()
+
+    return build
