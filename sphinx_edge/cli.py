@@ -40,19 +40,39 @@ def info(
         configs = [get_config(size)] if size else list(SIZES.values())
     except ValueError as e:
         fail(str(e))
-    table = Table(title="SPHINX-X sizes")
-    for col in ("size", "model", "LLM (dim/layers/heads/kv/ffn/vocab)", "LLM params", "ConvNeXt", "DINOv2",
-                "projector+special", "total", "layout", "image tokens"):
-        table.add_column(col, justify="right" if "param" in col or col in ("total", "ConvNeXt", "DINOv2") else "left")
+    if size:
+        _describe(configs[0])
+    table = Table(title="SPHINX-X sizes (parameters)")
+    for col in ("size", "LLM backbone", "LLM", "ConvNeXt", "DINOv2", "total", "layout"):
+        table.add_column(col, justify="left" if col in ("size", "LLM backbone", "layout") else "right")
     for c in configs:
         n = parameter_counts(c)
-        llm = c.llm
-        shape = f"{llm.family} {llm.dim}/{llm.n_layers}/{llm.n_heads}/{llm.n_kv_heads}/{llm.ffn_dim}/{llm.vocab_size}"
-        if llm.n_experts:
-            shape += f" x{llm.n_experts} experts top-{llm.n_experts_per_tok}"
-        tokens = f"{(c.grid**2 + 1) * c.tokens_per_view} max"
-        table.add_row(c.name, c.paper_name, shape, _billions(n["llm"]), _billions(n["convnext"]),
-                      _billions(n["dinov2"]), _billions(n["projector"]), _billions(n["total"]), c.layout, tokens)
+        backbone = f"{c.llm.family} {c.llm.dim}x{c.llm.n_layers}" + (f" {c.llm.n_experts}E" if c.llm.n_experts else "")
+        table.add_row(c.name, backbone, _billions(n["llm"]), _billions(n["convnext"]), _billions(n["dinov2"]),
+                      _billions(n["total"]), c.layout)
+    console.print(table)
+
+
+def _describe(c) -> None:
+    llm, n = c.llm, parameter_counts(c)
+    rows = {
+        "model": c.paper_name,
+        "LLM": f"{llm.family}: dim {llm.dim}, {llm.n_layers} layers, {llm.n_heads} heads ({llm.n_kv_heads} kv), "
+        f"FFN {llm.ffn_dim}, vocab {llm.vocab_size}, rope theta {llm.rope_theta:g}, context {llm.max_seq_len}",
+        "experts": f"{llm.n_experts}, top-{llm.n_experts_per_tok}" if llm.n_experts else "dense",
+        "ConvNeXt": f"depths {c.convnext.depths}, dims {c.convnext.dims}, {c.convnext.image_size} px views",
+        "DINOv2": f"dim {c.dinov2.embed_dim}, depth {c.dinov2.depth}, {c.dinov2.n_heads} heads, "
+        f"patch {c.dinov2.patch_size}, FFN {c.dinov2.ffn} {c.dinov2.ffn_hidden}, {c.dinov2.image_size} px views",
+        "projector": f"Linear({c.vision_dim}, {llm.dim}) + LayerNorm, {_billions(n['projector'])} params with "
+        "start/end" + ("/skip" if c.layout == "sphinx-x" else ""),
+        "image tokens": f"{c.tokens_per_view} per view, {(c.grid**2 + 1) * c.tokens_per_view} with every tile "
+        f"({c.layout}, grid {c.grid})",
+    }
+    table = Table(title=f"{c.name}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows.items():
+        table.add_row(k, v)
     console.print(table)
 
 

@@ -1,0 +1,77 @@
+"""The command line, run as a user would (typer's runner, and one real subprocess)."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sphinx_edge.checkpoints.accessory import write_accessory
+from sphinx_edge.cli import SAMPLES, app
+from tests.conftest import make_image
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def test_every_command_has_help():
+    code, out = run("--help")
+    assert code == 0
+    commands = ["info", "tiles", "generate", "convert", "assemble", "demo"]
+    assert all(c in out for c in commands)
+    for command in commands:
+        code, out = run(command, "--help")
+        assert code == 0 and "Usage" in out
+
+
+def test_info_reports_sizes_without_importing_torch():
+    code = (
+        "import sys; from typer.testing import CliRunner; from sphinx_edge.cli import app;"
+        "r = CliRunner().invoke(app, ['info', '--size', 'tiny'], env={'COLUMNS': '200'});"
+        "print(r.output); assert 'torch' not in sys.modules, 'info imported torch'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "1.100 B" in out and "0.843 B" in out and "1.136 B" in out and "1295" in out
+    code, out = run("info", "--size", "moe")
+    assert code == 0 and "46.703 B" in out and "8, top-2" in out
+    code, out = run("info", "--size", "huge")
+    assert code == 2 and "unknown size 'huge'" in out
+
+
+def test_tiles_shows_skipped_tiles_and_token_savings(tmp_path):
+    code, out = run("tiles", SAMPLES / "wide_2x1.png", SAMPLES / "square.png")
+    assert code == 0
+    assert "##.." in out and "779" in out and "-40%" in out and "1295" in out
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, out = run("tiles", bad)
+    assert code == 2 and "broken.png" in out
+
+
+def test_convert_then_generate(model_factory, tokenizer_file, tmp_path):
+    import shutil
+
+    write_accessory(model_factory("test-tiny"), tmp_path / "released", mp=2)
+    shutil.copy(tokenizer_file, tmp_path / "released" / "tokenizer.model")
+    code, out = run("convert", tmp_path / "released", "--out", tmp_path / "ours", "--size", "test-tiny")
+    assert code == 0, out
+    make_image(100, 50).save(tmp_path / "img.png")
+    code, out = run("generate", "What colour is the square?", "--checkpoint", tmp_path / "ours",
+                    "--image", tmp_path / "img.png", "--max-new-tokens", "5")
+    assert code == 0, out
+    assert "prompt tokens" in out and "stop:" in out
+
+
+@pytest.mark.parametrize("problem", ["missing", "wrong-size", "no-checkpoint"])
+def test_generate_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
+    write_accessory(model_factory("test-tiny"), tmp_path / "released", mp=1)
+    args = {"missing": ["--checkpoint", tmp_path / "nowhere"],
+            "wrong-size": ["--checkpoint", tmp_path / "released", "--size", "test-moe"],
+            "no-checkpoint": []}[problem]
+    code, out = run("generate", "hi", *args)
+    assert code == 2 and "error:" in out
+    assert {"missing": "does not exist", "wrong-size": "mixtral", "no-checkpoint": "--checkpoint"}[problem] in out
