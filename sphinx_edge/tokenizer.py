@@ -31,5 +31,19 @@ class Tokenizer:
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_with_offsets(self, text: str, *, bos: bool = False) -> tuple[list[int], list[int]]:
+        """Ids and the character offset where each token starts (BOS starts at 0)."""
+        proto = self.sp.encode(text, return_type="proto")
+        # SentencePiece reports byte offsets; map them to character offsets.
+        char_of_byte = {}
+        pos = 0
+        for i, ch in enumerate(text):
+            char_of_byte[pos] = i
+            pos += len(ch.encode("utf-8"))
+        char_of_byte[pos] = len(text)
+        ids = [p.id for p in proto.pieces]
+        starts = [char_of_byte.get(p.begin, len(text)) for p in proto.pieces]
+        return ([self.bos_id] if bos else []) + ids, ([0] if bos else []) + starts
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds([i for i in ids if 0 <= i < self.vocab_size])

@@ -24,7 +24,8 @@ def tokenizer_file(tmp_path_factory) -> str:
     spm.SentencePieceTrainer.Train(
         input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=200, model_type="unigram",
         character_coverage=1.0, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2,
+        minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],  # keep newlines: the stop string is "\n###"
     )
     return str(d / "tokenizer.model")
 

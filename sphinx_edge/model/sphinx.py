@@ -34,13 +34,19 @@ class SphinxModel(nn.Module):
         # The released sphinx-1k checkpoints have no skip embedding: every tile is encoded there.
         self.skip = nn.Parameter(torch.empty(1, 1, dim)) if config.layout == "sphinx-x" else None
 
-    def encode_views(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
-        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, tokens_per_view, dim] embeddings."""
-        dtype = self.visual_proj[0].weight.dtype
-        features = torch.cat([self.convnext(convnext_views), self.dinov2(dinov2_views)], dim=-1)
-        tokens = self.visual_proj(features.to(dtype))
+    def visual_features(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
+        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, 1 + patches, vision_dim] (experts only)."""
+        return torch.cat([self.convnext(convnext_views), self.dinov2(dinov2_views)], dim=-1)
+
+    def project_views(self, features: torch.Tensor) -> torch.Tensor:
+        """Expert features -> [N, tokens_per_view, dim]: visual_proj, wrapped in start_img / end_img."""
+        tokens = self.visual_proj(features.to(self.visual_proj[0].weight.dtype))
         n = tokens.shape[0]
         return torch.cat([self.start_img.expand(n, -1, -1), tokens, self.end_img.expand(n, -1, -1)], dim=1)
+
+    def encode_views(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
+        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, tokens_per_view, dim] embeddings."""
+        return self.project_views(self.visual_features(convnext_views, dinov2_views))
 
     def embed_sequence(
         self,

@@ -1,0 +1,1 @@
+"""Training for small SPHINX models: synthetic data, datasets, recipes."""

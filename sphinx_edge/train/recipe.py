@@ -1,0 +1,360 @@
+"""SPHINX-X one-stage training: launch with torchrun (1 GPU, N GPUs, N nodes) or plainly on a CPU.
+
+    torchrun --nproc_per_node 8 -m sphinx_edge.train.recipe recipes/tiny.toml
+    python -m sphinx_edge.train.recipe recipes/nano.toml            # one process, CPU or GPU
+
+FSDP2 (`fully_shard`) shards every LLM block, each encoder and the rest; activation checkpointing
+per LLM block; bf16 autocast over fp32 master weights; AdamW (0.9, 0.95); warm-up + cosine;
+gradient clipping and accumulation. Checkpoints (torch.distributed.checkpoint, written to a
+temporary directory and renamed) hold the model, optimizer, scheduler and step; the data order is a
+pure function of the step, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sphinx_edge.config import get_config
+from sphinx_edge.io import write_text_atomic
+from sphinx_edge.model.sphinx import SphinxModel, build_model
+from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
+
+
+@dataclass
+class DataSource:
+    json: str
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    size: str
+    out_dir: str
+    data: list[DataSource]
+    tokenizer: str
+    init: str | None = None  # checkpoint directory to start from; random weights if None
+    steps: int = 1000
+    batch_size: int = 8  # per rank, per micro-batch
+    grad_accum: int = 1
+    max_len: int = 2048
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    dtype: str = "bf16"  # autocast dtype: bf16 or fp32 (no autocast)
+    activation_checkpointing: bool = True
+    freeze_encoders: bool = True  # SPHINX freezes both visual experts
+    vqa_suffix: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    stop_after: int | None = None  # end this run at that step (time-boxed jobs); resume later
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        raw = tomllib.loads(Path(path).read_text())
+        raw.pop("hardware", None)  # human-readable requirements; not used by the code
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        base = Path(path).parent
+        raw["data"] = [DataSource(**{**d, "json": str((base / d["json"]).resolve())}) for d in raw["data"]]
+        for key in ("tokenizer", "init"):
+            if raw.get(key):
+                raw[key] = str((base / raw[key]).resolve())
+        raw["out_dir"] = str(Path(raw["out_dir"]) if Path(raw["out_dir"]).is_absolute() else base / raw["out_dir"])
+        if "betas" in raw:
+            raw["betas"] = tuple(raw["betas"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe keys {unknown}")
+        return cls(**raw)
+
+
+# --- Distributed set-up ------------------------------------------------------------------------
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class Trainee(nn.Module):
+    """The model under training: one forward computes the loss of a batch.
+
+    FSDP2 gathers a module's parameters around its forward only, so the whole step (encoders,
+    projector, sequence assembly, LLM) runs inside this root module's forward.
+    """
+
+    def __init__(self, model: SphinxModel, frozen_encoders: bool) -> None:
+        super().__init__()
+        self.model, self.frozen_encoders = model, frozen_encoders
+
+    def forward(self, examples: list[Example]) -> tuple[torch.Tensor, int]:
+        return batch_loss(self.model, examples, self.model.start_img.device, self.frozen_encoders)
+
+
+def shard_model(trainee: Trainee, world_size: int) -> None:
+    """FSDP2: one shard group per LLM block, per encoder, then the root (projector, special tokens)."""
+    if world_size == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    for block in trainee.model.llm.layers:
+        fully_shard(block)
+    fully_shard(trainee.model.convnext)
+    fully_shard(trainee.model.dinov2)
+    fully_shard(trainee)
+
+
+# --- Model, optimizer, schedule ----------------------------------------------------------------
+
+
+def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
+    if cfg.init:
+        from sphinx_edge.checkpoints import load_model
+
+        model = load_model(cfg.init, cfg.size)
+    else:
+        model = build_model(get_config(cfg.size), seed=cfg.seed)
+    model.to(device).train()
+    if cfg.freeze_encoders:
+        for encoder in (model.convnext, model.dinov2):
+            encoder.requires_grad_(False).eval()
+    model.llm.gradient_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- One step ------------------------------------------------------------------------------------
+
+
+def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device, frozen: bool) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the supervised tokens of a padded batch, and their count."""
+    views = [(e.convnext_views, e.dinov2_views) for e in examples if e.convnext_views is not None]
+    view_embeds = None
+    if views:
+        cv = torch.from_numpy(np.concatenate([v[0] for v in views])).to(device)
+        dv = torch.from_numpy(np.concatenate([v[1] for v in views])).to(device)
+        with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
+            features = model.visual_features(cv, dv)
+        view_embeds = model.project_views(features)
+    seqs, offset = [], 0
+    for e in examples:
+        n = e.convnext_views.shape[0] if e.convnext_views is not None else 0
+        ids = torch.from_numpy(e.text_ids).to(device)
+        seqs.append(model.embed_sequence(ids, view_embeds[offset:offset + n] if n else None, e.segments)[0])
+        offset += n
+    length = max(s.shape[0] for s in seqs)
+    embeds = torch.stack([F.pad(s, (0, 0, 0, length - s.shape[0])) for s in seqs])  # right padding
+    targets = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        targets[i, : len(e.targets)] = torch.from_numpy(e.targets)
+    logits = model.llm(embeds)
+    targets = targets.to(device)
+    n_tokens = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss / max(n_tokens, 1), int(embeds.shape[0] * embeds.shape[1])
+
+
+# --- Checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, cfg: TrainConfig, rank: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(cfg.out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if rank == 0:
+        state = {"step": step, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(root / "latest", final.name)
+        for old in sorted(root.glob("step_???????"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Restores the latest complete checkpoint, if any; returns the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    root = Path(cfg.out_dir) / "checkpoints"
+    if not (root / "latest").exists():
+        return 0
+    path = root / (root / "latest").read_text().strip()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    return int(trainer["step"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- The loop ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> list[float]:
+    """Runs (or resumes) training; returns the loss of each step run."""
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    from sphinx_edge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(cfg.tokenizer)
+    model = prepare_model(cfg, device)
+    model_config = model.config
+    datasets = [ConversationDataset(d.json, tokenizer, model_config, max_len=cfg.max_len, vqa_suffix=cfg.vqa_suffix)
+                for d in cfg.data]
+    mixture = Mixture(datasets, [d.weight for d in cfg.data], cfg.batch_size, cfg.seed, rank, world)
+    trainee = Trainee(model, cfg.freeze_encoders)
+    shard_model(trainee, world)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    start = load_checkpoint(trainee, optimizer, scheduler, cfg)
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if start:
+            print(f"resuming from step {start}", flush=True)
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    losses, t_start, tokens_seen = [], time.perf_counter(), 0
+    end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            with autocast:
+                loss, n = trainee(mixture.batch(step * cfg.grad_accum + micro))
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            step_tokens += n
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if dist.is_initialized():  # report the mean over ranks
+            t = torch.tensor([step_loss], device=device)
+            dist.all_reduce(t)
+            step_loss = t.item() / world
+        losses.append(step_loss)
+        tokens_seen += step_tokens * world
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            rec = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": step_tokens * world / dt, "step_s": dt}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1)
+                print(f"step {step + 1}/{cfg.steps}  loss {step_loss:.4f}  lr {rec['lr']:.2e}  "
+                      f"{rec['tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min", flush=True)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+            save_checkpoint(trainee, optimizer, scheduler, step + 1, cfg, rank)
+    if metrics:
+        metrics.close()
+    if end == cfg.steps:
+        export_final(trainee, cfg, rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return losses
+
+
+def export_final(trainee: Trainee, cfg: TrainConfig, rank: int) -> None:
+    """The trained weights in the sphinx-edge format (gathered to rank 0), at out_dir/model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from sphinx_edge.checkpoints.native import save_native
+
+    state = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            plain = SphinxModel(trainee.model.config)
+        plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+        save_native(plain, Path(cfg.out_dir) / "model", tokenizer=cfg.tokenizer)
+        print(f"saved {Path(cfg.out_dir) / 'model'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    train(TrainConfig.load(args[0], **parse_overrides(args[1:])))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """key=value pairs; values are JSON (numbers, true/false, lists) or else plain strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+if __name__ == "__main__":
+    main()
