@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 console = Console()
 SAMPLES = Path(__file__).parent / "assets"
+BUNDLED = Path(__file__).parent / "weights"  # sizes whose trained weights ship with the package
+data_app = typer.Typer(help="Training data: the synthetic VQA set and tokenizers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def fail(message: str) -> None:
@@ -148,6 +151,136 @@ def generate(
     console.print()
     console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} generated, "
                   f"stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
+
+
+def _resolve_checkpoint(checkpoint: Optional[Path], size: Optional[str]) -> Optional[Path]:
+    if checkpoint is None and size and (BUNDLED / size / "config.json").exists():
+        return BUNDLED / size
+    if checkpoint is None and size:
+        fail(f"no weights ship for size {size!r} (bundled: {', '.join(p.name for p in BUNDLED.glob('*')) or 'none'}); "
+             "give --checkpoint DIR")
+    return checkpoint
+
+
+@app.command()
+def chat(
+    question: Annotated[Optional[str], typer.Argument(help="The question; omit it to chat turn by turn.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Image to talk about.")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Size; with no --checkpoint, its bundled weights (nano).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Ask about an image with the PyTorch model (the bundled SPHINX-Nano with --size nano)."""
+    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.generate import PromptTooLongError, generate as run
+    from sphinx_edge.layout import ImageLoadError
+    from sphinx_edge.tokenizer import Tokenizer
+
+    checkpoint = _resolve_checkpoint(checkpoint, size)
+    model = _load(checkpoint, size)
+    tok = Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
+    turns: list[tuple[str, Optional[str]]] = []
+    while True:
+        q = question if question is not None else typer.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        if not q.strip():
+            return
+        try:
+            out = run(model, tok, turns + [(q, None)], image, max_new_tokens=max_new_tokens, temperature=temperature,
+                      on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
+        except (ImageLoadError, PromptTooLongError) as e:
+            fail(str(e))
+        console.print()
+        if question is not None:
+            return
+        turns.append((q, out.text.strip()))
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A recipe file (recipes/*.toml).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings that override the recipe.")] = None,
+) -> None:
+    """Train with a recipe in this process. For several GPUs: torchrun -m sphinx_edge.train.recipe RECIPE."""
+    from sphinx_edge.train.recipe import TrainConfig, parse_overrides, train as run
+
+    try:
+        cfg = TrainConfig.load(recipe, **parse_overrides(overrides or []))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"{recipe}: {e}")
+    run(cfg)
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],
+    size: Annotated[Optional[str], typer.Option(help="Size; with no --checkpoint, its bundled weights.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N samples only.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
+) -> None:
+    """Exact-match accuracy on held-out questions (greedy answers), per domain and aspect ratio."""
+    import json
+
+    from rich.progress import Progress
+
+    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.generate import generate as run
+    from sphinx_edge.tokenizer import Tokenizer
+    from sphinx_edge.train.synthetic import evaluate as score
+
+    checkpoint = _resolve_checkpoint(checkpoint, size)
+    model = _load(checkpoint, size)
+    tok = Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = score(lambda img, q: run(model, tok, q, img, max_new_tokens=16).text, data, limit=limit,
+                       progress=lambda i, n: bar.update(task, completed=i, total=n))
+    table = Table(title=f"exact match on {data.name} ({result['n']} questions)")
+    table.add_column("slice")
+    table.add_column("accuracy", justify="right")
+    table.add_row("all", f"{result['accuracy']:.1%}")
+    if result.get("padded_tiles") is not None:
+        table.add_row(f"images with padded tiles ({result['n_padded']})", f"{result['padded_tiles']:.1%}")
+    for k, v in {**result["per_domain"], **{f"aspect {a}": x for a, x in result["per_aspect"].items()}}.items():
+        table.add_row(k, f"{v:.1%}")
+    console.print(table)
+    if json_out:
+        from sphinx_edge.io import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(result, indent=2))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    train_n: Annotated[int, typer.Option("--train", help="Training samples.")] = 20000,
+    test_n: Annotated[int, typer.Option("--test", help="Held-out samples (another seed).")] = 500,
+    seed: int = 0,
+) -> None:
+    """Generate the synthetic multi-domain VQA set (colour, count, shape, text, position)."""
+    from sphinx_edge.train.synthetic import generate as synth
+
+    with console.status(f"writing {train_n} + {test_n} images to {out}"):
+        synth(out, train_n, seed=seed, split="train")
+        synth(out, test_n, seed=seed + 1, split="test")
+    console.print(f"wrote {out / 'train.json'} and {out / 'test.json'}")
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    data: Annotated[list[Path], typer.Argument(help="LLaVA JSON files whose conversations form the corpus.")],
+    out: Annotated[Path, typer.Option(help="The tokenizer.model to write.")],
+    vocab_size: Annotated[int, typer.Option(help="At most this many pieces.")] = 1024,
+) -> None:
+    """Train a SentencePiece tokenizer (byte fallback, newlines kept, digits split)."""
+    from sphinx_edge.train.tokenizer import conversation_texts, train_tokenizer
+
+    try:
+        train_tokenizer(conversation_texts(data), out, vocab_size)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"wrote {out}")
 
 
 @app.command()

@@ -197,9 +197,23 @@ def _test(name: str, llm: LLMConfig, layout: str = "sphinx-x") -> SphinxConfig:
     return SphinxConfig(name, llm, _TEST_CONVNEXT, _TEST_DINOV2, layout, 2, paper, _LIGHT_TYPES[llm.family])
 
 
+# SPHINX-Nano: ours, trained on CPU on the synthetic VQA set (recipes/nano.toml); small encoders of
+# the same two kinds, 128 px tiles (4x4 patches) on a 2x2 grid, a 1024-piece SentencePiece vocabulary.
+_NANO = SphinxConfig(
+    "nano",
+    LLMConfig("llama", 256, 4, 8, 4, llama_ffn_dim(256), 1024, max_seq_len=512),
+    ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), image_size=128),
+    DINOv2Config(embed_dim=128, depth=3, n_heads=4, ffn="mlp", pos_grid=4, image_size=56),
+    "sphinx-x",
+    2,
+    "SPHINX-Nano (sphinx-edge)",
+    "llama_ens5_light",
+)
+
 SIZES: dict[str, SphinxConfig] = {
     c.name: c
     for c in [
+        _NANO,
         _full(
             "tiny",
             "SPHINX-Tiny",

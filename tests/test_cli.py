@@ -21,7 +21,7 @@ def run(*args):
 def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
-    commands = ["info", "tiles", "generate", "convert", "assemble", "demo"]
+    commands = ["info", "tiles", "generate", "chat", "train", "eval", "data", "convert", "assemble", "demo"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -75,3 +75,38 @@ def test_generate_refuses_bad_checkpoints_clearly(model_factory, tmp_path, probl
     code, out = run("generate", "hi", *args)
     assert code == 2 and "error:" in out
     assert {"missing": "does not exist", "wrong-size": "mixtral", "no-checkpoint": "--checkpoint"}[problem] in out
+
+
+def test_data_train_eval_and_chat_commands(tmp_path, model_factory):
+    """The nano pipeline's commands, end to end on a tiny run."""
+    import json
+
+    from sphinx_edge.checkpoints.native import save_native
+
+    code, out = run("data", "synth", "--out", tmp_path / "data", "--train", "40", "--test", "10")
+    assert code == 0, out
+    code, out = run("data", "tokenizer", tmp_path / "data" / "train.json", "--out", tmp_path / "tok.model",
+                    "--vocab-size", "256")
+    assert code == 2 and "too small" in out
+    code, out = run("data", "tokenizer", tmp_path / "data" / "train.json", "--out", tmp_path / "tok.model",
+                    "--vocab-size", "400")
+    assert code == 0, out
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'size = "nano"\nout_dir = "{tmp_path / "run"}"\ntokenizer = "{tmp_path / "tok.model"}"\n'
+        'steps = 2\nbatch_size = 2\nmax_len = 256\ndtype = "fp32"\nlog_every = 1\n'
+        f'[[data]]\njson = "{tmp_path / "data" / "train.json"}"\n')
+    code, out = run("train", recipe, "lr=0.001")
+    assert code == 0, out
+    assert "step 2/2" in out
+    code, out = run("eval", "--checkpoint", tmp_path / "run" / "model", "--data", tmp_path / "data" / "test.json",
+                    "--limit", "4", "--json", tmp_path / "scores.json")
+    assert code == 0, out
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["n"] == 4 and 0.0 <= scores["accuracy"] <= 1.0 and "exact match" in out
+    image = json.loads((tmp_path / "data" / "test.json").read_text())[0]["image"]
+    code, out = run("chat", "What shape is shown?", "--checkpoint", tmp_path / "run" / "model",
+                    "--image", tmp_path / "data" / image, "--max-new-tokens", "3")
+    assert code == 0, out
+    code, out = run("train", tmp_path / "missing.toml")
+    assert code == 2 and "missing.toml" in out

@@ -261,6 +261,9 @@ def train(cfg: TrainConfig) -> list[float]:
     tokenizer = Tokenizer(cfg.tokenizer)
     model = prepare_model(cfg, device)
     model_config = model.config
+    if tokenizer.vocab_size > model_config.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but size {cfg.size!r} embeds only "
+                         f"{model_config.llm.vocab_size}")
     datasets = [ConversationDataset(d.json, tokenizer, model_config, max_len=cfg.max_len, vqa_suffix=cfg.vqa_suffix)
                 for d in cfg.data]
     mixture = Mixture(datasets, [d.weight for d in cfg.data], cfg.batch_size, cfg.seed, rank, world)
