@@ -200,14 +200,21 @@ def chat(
 def train(
     recipe: Annotated[Path, typer.Argument(help="A recipe file (recipes/*.toml).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings that override the recipe.")] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Do not train: write the latest checkpoint here as a model.")] = None,
 ) -> None:
     """Train with a recipe in this process. For several GPUs: torchrun -m sphinx_edge.train.recipe RECIPE."""
-    from sphinx_edge.train.recipe import TrainConfig, parse_overrides, train as run
+    from sphinx_edge.train.recipe import TrainConfig, export_latest, parse_overrides, train as run
 
     try:
         cfg = TrainConfig.load(recipe, **parse_overrides(overrides or []))
     except (OSError, ValueError, TypeError) as e:
         fail(f"{recipe}: {e}")
+    if export is not None:
+        try:
+            console.print(f"wrote {export_latest(cfg, export)}")
+        except FileNotFoundError as e:
+            fail(str(e))
+        return
     run(cfg)
 
 

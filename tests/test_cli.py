@@ -99,6 +99,12 @@ def test_data_train_eval_and_chat_commands(tmp_path, model_factory):
     code, out = run("train", recipe, "lr=0.001")
     assert code == 0, out
     assert "step 2/2" in out
+    code, out = run("train", recipe, "--export", tmp_path / "exported")
+    assert code == 0, out
+    from safetensors.torch import load_file
+
+    exported, final = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("exported", "run/model"))
+    assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
     code, out = run("eval", "--checkpoint", tmp_path / "run" / "model", "--data", tmp_path / "data" / "test.json",
                     "--limit", "4", "--json", tmp_path / "scores.json")
     assert code == 0, out

@@ -244,6 +244,24 @@ def load_checkpoint(model, optimizer, scheduler, cfg: TrainConfig) -> int:
     return int(trainer["step"])
 
 
+def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
+    """The latest training checkpoint of a recipe, as a sphinx-edge model directory (one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from sphinx_edge.checkpoints.native import save_native
+
+    root = Path(cfg.out_dir) / "checkpoints"
+    if not (root / "latest").exists():
+        raise FileNotFoundError(f"{root} holds no checkpoint yet")
+    path = root / (root / "latest").read_text().strip()
+    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders)
+    state = {"model": get_model_state_dict(trainee)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(trainee, state["model"])
+    return save_native(trainee.model, out, tokenizer=cfg.tokenizer)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
