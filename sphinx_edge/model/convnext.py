@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sphinx_edge.config import ConvNeXtConfig
+from sphinx_edge.model.mlp import Mlp
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -27,14 +28,6 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as timm's nn.GELU default
 
 
 class Block(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sphinx_edge.config import DINOv2Config
+from sphinx_edge.model.mlp import Mlp
 
 
 class PatchEmbed(nn.Module):
@@ -48,14 +49,6 @@ class SwiGLUFFNFused(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU
 
 
 class LayerScale(nn.Module):
