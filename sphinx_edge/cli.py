@@ -119,40 +119,6 @@ def _load(checkpoint: Optional[Path], size: Optional[str]):
         fail(str(e))
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Argument(help="The question.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
-    image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
-    size: Annotated[Optional[str], typer.Option(help="Expected size; another one is refused.")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model (default: the checkpoint's).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    seed: int = 0,
-) -> None:
-    """Answer a question about an image with the PyTorch model, streaming the answer."""
-    from sphinx_edge.checkpoints import tokenizer_path
-    from sphinx_edge.generate import PromptTooLongError, generate as run
-    from sphinx_edge.layout import ImageLoadError
-    from sphinx_edge.tokenizer import Tokenizer, TokenizerError
-
-    model = _load(checkpoint, size)
-    tok_file = tokenizer or tokenizer_path(checkpoint)
-    if tok_file is None:
-        fail(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
-    try:
-        tok = Tokenizer(tok_file)
-        start = time.perf_counter()
-        out = run(model, tok, prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
-    except (ImageLoadError, PromptTooLongError, TokenizerError) as e:
-        fail(str(e))
-    console.print()
-    console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} generated, "
-                  f"stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
-
-
 def _resolve_checkpoint(checkpoint: Optional[Path], size: Optional[str]) -> Optional[Path]:
     if checkpoint is None and size and (BUNDLED / size / "config.json").exists():
         return BUNDLED / size
@@ -170,8 +136,10 @@ def chat(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: int = 0,
 ) -> None:
-    """Ask about an image with the PyTorch model (the bundled SPHINX-Nano with --size nano)."""
+    """Ask about an image with the PyTorch model, streaming the answer (--size nano: bundled weights)."""
     from sphinx_edge.checkpoints import tokenizer_path
     from sphinx_edge.generate import PromptTooLongError, generate as run
     from sphinx_edge.layout import ImageLoadError
@@ -186,11 +154,14 @@ def chat(
         if not q.strip():
             return
         try:
+            start = time.perf_counter()
             out = run(model, tok, turns + [(q, None)], image, max_new_tokens=max_new_tokens, temperature=temperature,
-                      on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
+                      top_p=top_p, seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
         except (ImageLoadError, PromptTooLongError) as e:
             fail(str(e))
         console.print()
+        console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
+                      f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
         if question is not None:
             return
         turns.append((q, out.text.strip()))
@@ -365,7 +336,7 @@ def demo(size: Annotated[str, typer.Option(help="Size of the random-weight model
                           f"{(t2 - t1) * 1e3:.1f}", f"{(t3 - t2) * 1e3 / 16:.2f}")
     console.print(table)
     console.print("[dim]Trained weights: `sphinx-edge convert` a released SPHINX-Tiny directory, then "
-                  "`sphinx-edge generate --checkpoint DIR --image IMG \"question\"`.[/]")
+                  "`sphinx-edge chat --checkpoint DIR --image IMG \"question\"`.[/]")
 
 
 if __name__ == "__main__":

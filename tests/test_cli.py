@@ -21,7 +21,7 @@ def run(*args):
 def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
-    commands = ["info", "tiles", "generate", "chat", "train", "eval", "data", "convert", "assemble", "demo"]
+    commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -52,7 +52,7 @@ def test_tiles_shows_skipped_tiles_and_token_savings(tmp_path):
     assert code == 2 and "broken.png" in out
 
 
-def test_convert_then_generate(model_factory, tokenizer_file, tmp_path):
+def test_convert_then_chat(model_factory, tokenizer_file, tmp_path):
     import shutil
 
     write_accessory(model_factory("test-tiny"), tmp_path / "released", mp=2)
@@ -60,19 +60,19 @@ def test_convert_then_generate(model_factory, tokenizer_file, tmp_path):
     code, out = run("convert", tmp_path / "released", "--out", tmp_path / "ours", "--size", "test-tiny")
     assert code == 0, out
     make_image(100, 50).save(tmp_path / "img.png")
-    code, out = run("generate", "What colour is the square?", "--checkpoint", tmp_path / "ours",
+    code, out = run("chat", "What colour is the square?", "--checkpoint", tmp_path / "ours",
                     "--image", tmp_path / "img.png", "--max-new-tokens", "5")
     assert code == 0, out
     assert "prompt tokens" in out and "stop:" in out
 
 
 @pytest.mark.parametrize("problem", ["missing", "wrong-size", "no-checkpoint"])
-def test_generate_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
+def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
     write_accessory(model_factory("test-tiny"), tmp_path / "released", mp=1)
     args = {"missing": ["--checkpoint", tmp_path / "nowhere"],
             "wrong-size": ["--checkpoint", tmp_path / "released", "--size", "test-moe"],
             "no-checkpoint": []}[problem]
-    code, out = run("generate", "hi", *args)
+    code, out = run("chat", "hi", *args)
     assert code == 2 and "error:" in out
     assert {"missing": "does not exist", "wrong-size": "mixtral", "no-checkpoint": "--checkpoint"}[problem] in out
 
