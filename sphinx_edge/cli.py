@@ -119,13 +119,18 @@ def _load(checkpoint: Optional[Path], size: Optional[str]):
         fail(str(e))
 
 
-def _resolve_checkpoint(checkpoint: Optional[Path], size: Optional[str]) -> Optional[Path]:
+def _model_and_tokenizer(checkpoint: Optional[Path], size: Optional[str]):
+    """The model of --checkpoint (or the bundled weights of --size) and its tokenizer."""
+    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.tokenizer import Tokenizer
+
     if checkpoint is None and size and (BUNDLED / size / "config.json").exists():
-        return BUNDLED / size
-    if checkpoint is None and size:
+        checkpoint = BUNDLED / size
+    elif checkpoint is None and size:
         fail(f"no weights ship for size {size!r} (bundled: {', '.join(p.name for p in BUNDLED.glob('*')) or 'none'}); "
              "give --checkpoint DIR")
-    return checkpoint
+    model = _load(checkpoint, size)
+    return model, Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
 
 
 @app.command()
@@ -140,14 +145,10 @@ def chat(
     seed: int = 0,
 ) -> None:
     """Ask about an image with the PyTorch model, streaming the answer (--size nano: bundled weights)."""
-    from sphinx_edge.checkpoints import tokenizer_path
     from sphinx_edge.generate import PromptTooLongError, generate as run
     from sphinx_edge.layout import ImageLoadError
-    from sphinx_edge.tokenizer import Tokenizer
 
-    checkpoint = _resolve_checkpoint(checkpoint, size)
-    model = _load(checkpoint, size)
-    tok = Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
+    model, tok = _model_and_tokenizer(checkpoint, size)
     turns: list[tuple[str, Optional[str]]] = []
     while True:
         q = question if question is not None else typer.prompt("you", prompt_suffix="> ", default="", show_default=False)
@@ -202,14 +203,10 @@ def evaluate(
 
     from rich.progress import Progress
 
-    from sphinx_edge.checkpoints import tokenizer_path
     from sphinx_edge.generate import generate as run
-    from sphinx_edge.tokenizer import Tokenizer
     from sphinx_edge.train.synthetic import evaluate as score
 
-    checkpoint = _resolve_checkpoint(checkpoint, size)
-    model = _load(checkpoint, size)
-    tok = Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
+    model, tok = _model_and_tokenizer(checkpoint, size)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         result = score(lambda img, q: run(model, tok, q, img, max_new_tokens=16).text, data, limit=limit,

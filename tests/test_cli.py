@@ -77,11 +77,10 @@ def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
     assert {"missing": "does not exist", "wrong-size": "mixtral", "no-checkpoint": "--checkpoint"}[problem] in out
 
 
-def test_data_train_eval_and_chat_commands(tmp_path, model_factory):
+def test_data_train_eval_and_chat_commands(tmp_path):
     """The nano pipeline's commands, end to end on a tiny run."""
     import json
 
-    from sphinx_edge.checkpoints.native import save_native
 
     code, out = run("data", "synth", "--out", tmp_path / "data", "--train", "40", "--test", "10")
     assert code == 0, out

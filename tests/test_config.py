@@ -1,7 +1,6 @@
 """The size registry: closed-form parameter counts against the real modules, config round trip."""
 
 import pytest
-import torch
 
 from sphinx_edge.config import SIZES, SphinxConfig, get_config, parameter_counts
 from sphinx_edge.model.sphinx import build_model, count_parameters

@@ -172,7 +172,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device, frozen: bool) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the supervised tokens of a padded batch, and their count."""
+    """Mean cross-entropy over the supervised tokens of a padded batch, and the tokens processed (padding included)."""
     views = [(e.convnext_views, e.dinov2_views) for e in examples if e.convnext_views is not None]
     view_embeds = None
     if views:
@@ -278,11 +278,10 @@ def train(cfg: TrainConfig) -> list[float]:
 
     tokenizer = Tokenizer(cfg.tokenizer)
     model = prepare_model(cfg, device)
-    model_config = model.config
-    if tokenizer.vocab_size > model_config.llm.vocab_size:
+    if tokenizer.vocab_size > model.config.llm.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but size {cfg.size!r} embeds only "
-                         f"{model_config.llm.vocab_size}")
-    datasets = [ConversationDataset(d.json, tokenizer, model_config, max_len=cfg.max_len, vqa_suffix=cfg.vqa_suffix)
+                         f"{model.config.llm.vocab_size}")
+    datasets = [ConversationDataset(d.json, tokenizer, model.config, max_len=cfg.max_len, vqa_suffix=cfg.vqa_suffix)
                 for d in cfg.data]
     mixture = Mixture(datasets, [d.weight for d in cfg.data], cfg.batch_size, cfg.seed, rank, world)
     trainee = Trainee(model, cfg.freeze_encoders)
@@ -297,7 +296,7 @@ def train(cfg: TrainConfig) -> list[float]:
             print(f"resuming from step {start}", flush=True)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
-    losses, t_start, tokens_seen = [], time.perf_counter(), 0
+    losses, t_start = [], time.perf_counter()
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -317,7 +316,6 @@ def train(cfg: TrainConfig) -> list[float]:
             dist.all_reduce(t)
             step_loss = t.item() / world
         losses.append(step_loss)
-        tokens_seen += step_tokens * world
         dt = time.perf_counter() - t0
         if rank == 0:
             rec = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),

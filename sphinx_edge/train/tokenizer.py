@@ -9,9 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sphinx_edge.io import atomic_path
-from sphinx_edge.prompt import SYSTEM_PROMPT
+from sphinx_edge.prompt import SYSTEM_PROMPT, format_prompt
 from sphinx_edge.train.data import read_conversations
-from sphinx_edge.prompt import format_prompt
 
 
 def train_tokenizer(texts: Iterable[str], out_file: str | os.PathLike, vocab_size: int) -> Path:

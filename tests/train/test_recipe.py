@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from sphinx_edge.train.recipe import TrainConfig, lr_factor, parse_overrides, train
-from tests.conftest import make_image
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
 
