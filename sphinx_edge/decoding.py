@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,3 +67,41 @@ class TextStream:
         new = upto[len(self.text):] if upto.startswith(self.text) else ""
         self.text = upto if upto.startswith(self.text) else self.text
         return new
+
+
+def decode_loop(
+    logits: np.ndarray,
+    feed: Callable[[int], np.ndarray],
+    decode: Callable[[list[int]], str],
+    eos_id: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: np.random.Generator | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> tuple[TextStream, str]:
+    """The generation loop every backend shares: choose a token from `logits`, stream its text,
+    `feed(token)` it to get the next logits; until EOS, a stop string or `max_new_tokens`.
+
+    Returns the stream (text and ids) and the stop reason: "eos", "stop" or "length".
+    """
+    stream = TextStream(decode)
+    stop_reason = "length"
+    for step in range(max_new_tokens):
+        token = choose_token(logits, temperature, top_p, rng)
+        if token == eos_id:
+            stop_reason = "eos"
+            break
+        new_text = stream.push(token)
+        if new_text and on_text:
+            on_text(new_text)
+        if stream.stopped:
+            stop_reason = "stop"
+            break
+        if step + 1 < max_new_tokens:
+            logits = feed(token)
+    tail = stream.finish()
+    if tail and on_text:
+        on_text(tail)
+    return stream, stop_reason

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sphinx_edge.decoding import TextStream, choose_token
+from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, image_segments, preprocess
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.prompt import format_prompt
@@ -65,31 +65,21 @@ def generate(
             f"the prompt takes {prompt_len} tokens ({image_tokens} for the image); the context holds {limit}"
         )
     max_new_tokens = min(max_new_tokens, limit - prompt_len)
-    rng = np.random.default_rng(seed)
-    stream = TextStream(tokenizer.decode)
     llm = model.llm
     llm.setup_caches(max_seq_len=prompt_len + max_new_tokens)
-    stop_reason = "length"
+    position = prompt_len
+
+    def feed(token: int) -> np.ndarray:
+        nonlocal position
+        logits = llm(llm.tok_embeddings(torch.tensor([[token]])), torch.tensor([position]))
+        position += 1
+        return logits[0, -1].float().numpy()
+
     try:
-        logits = llm(embeds, torch.arange(prompt_len), last_logits_only=True)
-        for step in range(max_new_tokens):
-            token = choose_token(logits[0, -1].float().numpy(), temperature, top_p, rng)
-            if token == tokenizer.eos_id:
-                stop_reason = "eos"
-                break
-            new_text = stream.push(token)
-            if new_text and on_text:
-                on_text(new_text)
-            if stream.stopped:
-                stop_reason = "stop"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            position = torch.tensor([prompt_len + step])
-            logits = llm(llm.tok_embeddings(torch.tensor([[token]])), position)
+        first = llm(embeds, torch.arange(prompt_len), last_logits_only=True)[0, -1].float().numpy()
+        stream, stop_reason = decode_loop(first, feed, tokenizer.decode, tokenizer.eos_id,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          rng=np.random.default_rng(seed), on_text=on_text)
     finally:
         llm.clear_caches()
-    tail = stream.finish()
-    if tail and on_text:
-        on_text(tail)
     return Generation(stream.text, stream.ids, prompt_len, image_tokens, stop_reason)

@@ -324,6 +324,23 @@ def make_views(image: Image.Image, plan: TilePlan) -> tuple[np.ndarray, np.ndarr
     return convnext, dinov2 * gain + shift
 
 
+def pack_views(convnext_views: np.ndarray, dinov2_views: np.ndarray) -> np.ndarray:
+    """One tensor per view, as exported vision encoders take it: [N, 3, tile + dino, tile].
+
+    Rows [0, tile) hold the ConvNeXt view; rows [tile, tile + dino) hold the DINOv2 view in their
+    first `dino` columns (zeros elsewhere). One input lets a runner that passes one image tensor
+    per call (ExecuTorch's MultimodalRunner) feed both experts exactly, with no in-graph resize.
+    """
+    n, _, tile, _ = convnext_views.shape
+    dino = dinov2_views.shape[-1]
+    if dino > tile:
+        raise ValueError(f"the DINOv2 view ({dino} px) must not be larger than the ConvNeXt tile ({tile} px)")
+    packed = np.zeros((n, 3, tile + dino, tile), dtype=np.float32)
+    packed[:, :, :tile] = convnext_views
+    packed[:, :, tile:, :dino] = dinov2_views
+    return packed
+
+
 def preprocess(
     source: ImageSource, *, layout: str, grid: int = 2, tile_size: int = 512, dino_size: int = 224
 ) -> tuple[TilePlan, np.ndarray, np.ndarray]:

@@ -62,6 +62,10 @@ class KVCache(nn.Module):
         self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
 
+    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, cached length] bool: query at position p sees every cache slot up to p."""
+        return torch.arange(self.k_cache.shape[2], device=input_pos.device)[None, :] <= input_pos[:, None]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig) -> None:
@@ -182,24 +186,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    @property
-    def cache_len(self) -> int:
-        cache = self.layers[0].attention.kv_cache
-        return 0 if cache is None else cache.k_cache.shape[2]
-
     def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, dim] for `inputs_embeds` [B, T, dim].
 
-        With caches set up, `input_pos` [T] holds the positions being written; attention covers
-        every cached position up to each query's own. Without caches, the sequence starts at
+        With caches set up, `input_pos` [T] holds the positions being written; the cache decides
+        which keys each query sees (`attention_mask`: every cached position up to its own). Without caches, the sequence starts at
         position 0 (or at `input_pos`) and attention is plainly causal (training).
         """
         T = inputs_embeds.shape[1]
         if input_pos is None:
             input_pos = torch.arange(T, device=inputs_embeds.device)
-        mask = None
-        if self.cache_len:
-            mask = torch.arange(self.cache_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+        cache = self.layers[0].attention.kv_cache
+        mask = None if cache is None else cache.attention_mask(input_pos)
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta)
         h = inputs_embeds
         for layer in self.layers:

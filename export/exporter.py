@@ -1,0 +1,134 @@
+"""`export_model`: a SPHINX model -> an export directory (graphs, tokenizer, manifest.json).
+
+Everything is written into a staging directory beside the target and renamed into place at the
+end, manifest last: an interrupted export leaves no directory that looks finished. An existing
+target that holds another export (or anything else) is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
+from sphinx_edge.tokenizer import Tokenizer
+
+FORMATS = ("onnx", "pte")
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "sphinx_edge" / "assets" / "wide_2x1.png"
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass
+class ExportOptions:
+    quant: str = "fp32"
+    formats: tuple[str, ...] = ("onnx",)
+    vision_quant: str | None = None  # default: int8 for int8/int4, else `quant`
+    embedding_quant: str = "fp32"
+    group_size: int = 32  # int4 block / group size (onnx MatMulNBits, pte 8da4w)
+    accuracy_level: int = 4  # onnxruntime MatMulNBits compute type on CPU
+    verify: bool = True
+    eval_samples: int = 0  # held-out synthetic questions to score (SPHINX-Nano)
+    extra: dict = field(default_factory=dict)
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("sphinx-edge", "torch", "onnx", "onnxruntime", "executorch", "torchao"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
+    """Refuses a non-empty target unless `overwrite`, naming what it holds."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if not any(out_dir.iterdir()) or overwrite:
+        return
+    try:
+        held = read_manifest(out_dir)["model"].get("name", "?")
+        what = f"an export of {held!r}" + ("" if held != model_name else " already")
+    except ManifestError:
+        what = "files that are not a finished sphinx-edge export"
+    raise ExportError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out")
+
+
+def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, options: ExportOptions, *,
+                 overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> dict:
+    """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest."""
+    out_dir = Path(out_dir)
+    for fmt in options.formats:
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    check_target(out_dir, model.config.name, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    say = on_stage or (lambda s: None)
+    started = time.perf_counter()
+    try:
+        graphs: dict[str, dict] = {}
+        shutil.copyfile(tokenizer.path, stage / "tokenizer.model")
+        if "onnx" in options.formats:
+            from sphinx_edge.export.onnx import export_onnx, graph_io
+
+            files = export_onnx(model, stage, quant=options.quant, vision_quant=options.vision_quant,
+                                embedding_quant=options.embedding_quant, block_size=options.group_size,
+                                accuracy_level=options.accuracy_level, on_stage=say)
+            graphs["onnx"] = {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
+        if "pte" in options.formats:
+            from sphinx_edge.export.executorch import export_pte
+
+            graphs["pte"] = export_pte(model, stage, quant=options.quant, group_size=options.group_size,
+                                       vision_quant=options.vision_quant, embedding_quant=options.embedding_quant,
+                                       on_stage=say)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": {"name": model.config.name, "paper_name": model.config.paper_name,
+                      "config": model.config.to_dict()},
+            "layout": model.config.layout,
+            "quantization": {"quant": options.quant, "group_size": options.group_size,
+                             "accuracy_level": options.accuracy_level,
+                             "vision": options.vision_quant or ("int8" if options.quant in ("int8", "int4") else options.quant),
+                             "embedding": options.embedding_quant},
+            "tokenizer": "tokenizer.model",
+            "files": {f.name: file_entry(f) for f in sorted(stage.iterdir()) if f.is_file()},
+            "graphs": graphs,
+            "tools": _tool_versions(),
+        }
+        # The manifest goes in first so that verification loads the staged export as a user would.
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if options.verify:
+            from sphinx_edge.export.verify import nano_accuracy, verify_export
+
+            verification = {}
+            for fmt in graphs:
+                say(f"verify {fmt}")
+                verification[fmt] = verify_export(model, tokenizer, stage, fmt, options.quant, SAMPLE_IMAGE)
+            if options.eval_samples:
+                say(f"evaluate {options.eval_samples} held-out questions")
+                verification["accuracy"] = nano_accuracy(model, tokenizer, stage, list(graphs), options.eval_samples)
+            manifest["verification"] = verification
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,174 @@
+"""ONNX export: one graph per component (DESIGN.md section 4), then onnxruntime's quantizers.
+
+Graphs come from `torch.onnx.export(dynamo=True)` at opset 18 with dynamic views, sequence and
+past lengths. Weights go to one external-data file per graph (`<graph>.onnx.data`), so no graph
+hits protobuf's 2 GB limit. Quantization is onnxruntime's own:
+
+* int4: `MatMulNBitsQuantizer` (symmetric, block 32, accuracy level 4) on the decoder's MatMuls;
+* int8: `quantize_dynamic` (per-channel int8 weights, dynamic uint8 activations) on MatMuls;
+* fp16: `convert_float_to_float16` with fp32 graph inputs and outputs.
+
+The vision encoder is quantized to int8 at most (`vision_quant`); its convolutions stay fp32
+(ConvInteger has no fast CPU kernel), only its MatMuls (ConvNeXt MLPs, DINOv2) are quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder, decoder_io_names
+from sphinx_edge.model.sphinx import SphinxModel
+
+OPSET = 18
+QUANTS = ("fp32", "fp16", "int8", "int4")
+VISION_QUANTS = ("fp32", "fp16", "int8")
+GRAPHS = ("vision_encoder", "token_embedding", "decoder")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx and onnxruntime's quantizers print pages of progress; keep the CLI's own bar."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        level = logging.root.level
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(level)
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+            dynamic_shapes) -> onnx.ModelProto:
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
+    return program.model_proto
+
+
+def vision_encoder_graph(model: SphinxModel) -> onnx.ModelProto:
+    cfg = model.config
+    pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
+    return _export(VisionEncoder(model), (pixels,), ["pixel_values"], ["image_embeds"],
+                   ({0: Dim("num_views", min=1, max=64)},))
+
+
+def token_embedding_graph(model: SphinxModel) -> onnx.ModelProto:
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    return _export(TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], ({1: Dim.DYNAMIC},))
+
+
+def decoder_graph(model: SphinxModel) -> onnx.ModelProto:
+    c = model.config.llm
+    past, seq = 2, 3
+    embeds = torch.zeros(1, seq, c.dim)
+    mask = torch.ones(1, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq)[None]
+    cache = tuple(torch.zeros(1, c.n_kv_heads, past, c.head_dim) for _ in range(2 * c.n_layers))
+    inputs, outputs = decoder_io_names(c.n_layers)
+    dyn = Dim.DYNAMIC
+    shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in cache))
+    return _export(PastKVDecoder(model), (embeds, mask, positions, *cache), inputs, outputs, shapes)
+
+
+def quantize_graph(proto: onnx.ModelProto, quant: str, *, block_size: int = 32, accuracy_level: int = 4,
+                   workdir: Path) -> onnx.ModelProto:
+    """`proto` quantized to `quant` (fp32 returns it unchanged). `workdir` holds scratch files."""
+    if quant == "fp32":
+        return proto
+    if quant == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with _quiet():
+            return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    if quant == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        with _quiet():
+            quantizer = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level)
+            quantizer.process()
+        return quantizer.model.model
+    if quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        src, dst = workdir / "int8_in.onnx", workdir / "int8_out.onnx"
+        save_graph(proto, src)
+        with _quiet():
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
+        out = onnx.load(dst)
+        for f in workdir.iterdir():
+            f.unlink()
+        return out
+    raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+
+
+def save_graph(proto: onnx.ModelProto, path: Path) -> list[Path]:
+    """Writes `path` and its external data `path.data`; returns the files written."""
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024, convert_attribute=False)
+    return [path, data] if data.exists() else [path]
+
+
+def graph_io(path: Path) -> dict:
+    """{"inputs": [{name, dtype, shape}], "outputs": [...]} as written in the manifest."""
+    proto = onnx.load(path, load_external_data=False)
+
+    def spec(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": spec(proto.graph.input), "outputs": spec(proto.graph.output)}
+
+
+def export_onnx(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", vision_quant: str | None = None,
+                embedding_quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
+                on_stage=None) -> dict[str, list[Path]]:
+    """Writes `vision_encoder.onnx`, `token_embedding.onnx` and `decoder.onnx` (+ data) into `out_dir`.
+
+    `vision_quant` defaults to int8 for int8/int4 and to `quant` otherwise; `embedding_quant`
+    ("fp32" or "int8") stores the embedding table in 8 bits. `on_stage(name)` is
+    called before each stage (for progress bars). Returns {graph: files written}.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    vision_quant = vision_quant or ("int8" if quant in ("int8", "int4") else quant)
+    if vision_quant not in VISION_QUANTS:
+        raise ValueError(f"the vision encoder is quantized to int8 at most; got {vision_quant!r}")
+    if embedding_quant not in ("fp32", "int8"):
+        raise ValueError(f"the embedding table is fp32 or int8; got {embedding_quant!r}")
+    out_dir = Path(out_dir)
+    scratch = out_dir / ".scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    builders = {"vision_encoder": (vision_encoder_graph, vision_quant),
+                "token_embedding": (token_embedding_graph, embedding_quant),
+                "decoder": (decoder_graph, quant)}
+    files = {}
+    try:
+        for name, (build, q) in builders.items():
+            if on_stage:
+                on_stage(f"onnx {name}")
+            proto = quantize_graph(build(model), q, block_size=block_size, accuracy_level=accuracy_level,
+                                   workdir=scratch)
+            files[name] = save_graph(proto, out_dir / f"{name}.onnx")
+    finally:
+        for f in scratch.iterdir():
+            f.unlink()
+        scratch.rmdir()
+    return files

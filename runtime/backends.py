@@ -1,0 +1,108 @@
+"""Backends: the three exported components behind one small interface.
+
+    encode_views(pixel_values [N, 3, tile + dino, tile]) -> [N, tokens_per_view, dim]
+    embed(ids [L]) -> [L, dim]                 (ids may be the skip / start / end specials)
+    forward(embeds [T, dim]) -> logits [vocab]  (appends T positions to the KV cache)
+    truncate(length)                            (forget cache positions >= length)
+
+`OnnxBackend` needs only onnxruntime and numpy. `PteBackend` runs ExecuTorch's Python runtime,
+whose pybindings take torch tensors: torch is imported when that backend is chosen, never before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sphinx_edge.config import SphinxConfig
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+
+        def session(name: str):
+            return ort.InferenceSession(str(export_dir / files[name][0]), options, providers=["CPUExecutionProvider"])
+
+        self.vision, self.embedding, self.decoder = (session(n) for n in ("vision_encoder", "token_embedding", "decoder"))
+        llm = config.llm
+        self.max_seq_len = llm.max_seq_len
+        self._empty = np.zeros((1, llm.n_kv_heads, 0, llm.head_dim), dtype=np.float32)
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(llm.n_layers) for kv in ("key", "value")]
+        self.truncate(0)
+
+    def encode_views(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedding.run(None, {"input_ids": np.asarray(ids, dtype=np.int64)[None]})[0][0]
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        T = embeds.shape[0]
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
+            "attention_mask": np.ones((1, self.length + T), dtype=np.int64),
+            "position_ids": np.arange(self.length, self.length + T, dtype=np.int64)[None],
+            **dict(zip(self._past_names, self.past)),
+        }
+        logits, *self.past = self.decoder.run(None, feeds)
+        self.length += T
+        return logits[0, -1]
+
+    def truncate(self, length: int) -> None:
+        if length == 0:
+            self.past = [self._empty] * len(self._past_names)
+        else:
+            self.past = [p[:, :, :length] for p in self.past]
+        self.length = length
+
+
+class PteBackend:
+    name = "pte"
+
+    def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
+                 threads: int | None = None) -> None:
+        import torch  # ExecuTorch's pybindings exchange torch tensors
+        from executorch.runtime import Runtime
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        program = Runtime.get().load_program(Path(export_dir) / files["program"][0])
+        self.methods = {name: program.load_method(name) for name in ("vision_encoder", "token_embedding", "text_decoder")}
+        self.max_seq_len = config.llm.max_seq_len
+        self.length = 0
+
+    def _run(self, method: str, *inputs: np.ndarray) -> np.ndarray:
+        return self.methods[method].execute([self._torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])[0].numpy()
+
+    def encode_views(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run("vision_encoder", pixel_values.astype(np.float32, copy=False))
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._run("token_embedding", np.asarray(ids, dtype=np.int64)[None])[0]
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        T = embeds.shape[0]
+        positions = np.arange(self.length, self.length + T, dtype=np.int64)
+        logits = self._run("text_decoder", embeds[None].astype(np.float32, copy=False), positions)
+        self.length += T
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+    def truncate(self, length: int) -> None:
+        # The static cache keeps stale slots past `length`; the causal mask hides them until the
+        # positions are written again.
+        self.length = length
+
+
+BACKENDS = {"onnx": OnnxBackend, "pte": PteBackend}

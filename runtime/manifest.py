@@ -1,0 +1,81 @@
+"""`manifest.json`: what an export directory holds, and the check that it is intact.
+
+The manifest names the model (its full config), the layout, the quantization, every file with
+its size and SHA-256, the IO of every graph, the tool versions and the export's own verification
+figures. The runtime loads nothing that the manifest does not vouch for. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """An export directory that is missing, incomplete, tampered with or of another version."""
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed manifest of `export_dir` (not yet checked against the files: see `check_files`)."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not export_dir.is_dir():
+        raise ManifestError(f"{export_dir} is not a directory; give the directory `sphinx-edge export` wrote")
+    if not path.exists():
+        raise ManifestError(f"{export_dir} has no {MANIFEST}: it is not a finished sphinx-edge export "
+                            "(an interrupted export leaves no manifest)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ManifestError(f"{path} has format version {version!r}; this sphinx-edge reads version {FORMAT_VERSION}")
+    for key in ("model", "files", "graphs"):
+        if key not in manifest:
+            raise ManifestError(f"{path} lacks the {key!r} section")
+    return manifest
+
+
+def check_files(export_dir: str | os.PathLike, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+    """Raises ManifestError unless every listed file (or those in `names`) exists with its recorded
+    size and hash."""
+    export_dir = Path(export_dir)
+    files = manifest["files"]
+    for name in names if names is not None else list(files):
+        if name not in files:
+            raise ManifestError(f"{name} is not listed in {export_dir / MANIFEST}")
+        path = export_dir / name
+        if not path.exists():
+            raise ManifestError(f"{path} is missing (listed in the manifest)")
+        entry = files[name]
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            raise ManifestError(f"{path} does not match its manifest hash: the file was changed or "
+                                "belongs to another export; export again")
+
+
+def graph_files(manifest: dict[str, Any], fmt: str) -> dict[str, list[str]]:
+    """{component: [files]} for format "onnx" or "pte"; ManifestError if the export lacks it."""
+    graphs = manifest["graphs"].get(fmt)
+    if not graphs:
+        have = ", ".join(manifest["graphs"]) or "none"
+        raise ManifestError(f"this export has no {fmt} graphs (it has: {have}); export with --format {fmt}")
+    return {name: g["files"] for name, g in graphs.items()}

@@ -1,0 +1,162 @@
+"""Run an exported SPHINX model: image -> views (encoded tiles only) -> sequence -> prefill -> decode.
+
+`Pipeline` loads an export directory by its manifest (every file's hash checked), and answers
+questions about images with either backend. `Chat` keeps the KV cache between turns and, on
+each turn, prefills only the tokens that the cache does not already hold. Torch-free unless the
+ExecuTorch backend is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sphinx_edge.config import SphinxConfig
+from sphinx_edge.decoding import decode_loop
+from sphinx_edge.layout import ImageSource, image_segments, pack_views, preprocess
+from sphinx_edge.prompt import Turn, format_prompt
+from sphinx_edge.runtime.backends import BACKENDS
+from sphinx_edge.runtime.manifest import ManifestError, check_files, graph_files, read_manifest
+from sphinx_edge.tokenizer import Tokenizer
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (image tokens included) does not fit the model's context."""
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    prompt_len: int  # sequence length before generation, image tokens included
+    prefilled: int  # tokens prefilled for this answer (less than prompt_len when the cache was reused)
+    image_tokens: int
+    stop_reason: str  # "stop", "eos" or "length"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class Pipeline:
+    def __init__(self, export_dir: str | os.PathLike, backend: str = "onnx", *, threads: int | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        files = graph_files(self.manifest, backend)
+        tokenizer = self.manifest.get("tokenizer")
+        if not tokenizer:
+            raise ManifestError(f"{self.export_dir} carries no tokenizer")
+        check_files(self.export_dir, self.manifest, [f for fs in files.values() for f in fs] + [tokenizer])
+        try:
+            self.config = SphinxConfig.from_dict(self.manifest["model"]["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{self.export_dir}: the manifest's model config is invalid: {e}") from e
+        self.tokenizer = Tokenizer(self.export_dir / tokenizer)
+        self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def encode_image(self, image: ImageSource) -> tuple[np.ndarray, dict[str, float]]:
+        """The image part of the sequence [n_image_tokens, dim] and the time of each stage."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        plan, convnext_views, dinov2_views = preprocess(
+            image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size)
+        pixels = pack_views(convnext_views, dinov2_views)
+        t1 = time.perf_counter()
+        views = self.backend.encode_views(pixels)
+        t2 = time.perf_counter()
+        skip = self.backend.embed(np.array([cfg.skip_id]))[0] if plan.n_skipped else None
+        parts = [views[index] if kind == "view" else skip[None] for kind, index in image_segments(plan)]
+        return np.concatenate(parts), {"preprocess": t1 - t0, "vision": t2 - t1, "views": float(plan.n_views)}
+
+    # -- one question -----------------------------------------------------------------------
+
+    def answer(self, question: str, image: ImageSource | None = None, **kw) -> Answer:
+        """Answers one question about `image` (a fresh conversation)."""
+        return Chat(self, image).ask(question, **kw)
+
+
+class Chat:
+    """A multi-turn conversation about one image; the KV cache carries over between turns."""
+
+    def __init__(self, pipeline: Pipeline, image: ImageSource | None = None) -> None:
+        self.pipeline, self.image = pipeline, image
+        self.turns: list[Turn] = []
+        self._image_embeds: np.ndarray | None = None
+        self._image_timings: dict[str, float] = {}
+        self._cached: list[int] = []  # text ids (BOS first) whose positions the cache holds
+        self.pipeline.backend.truncate(0)
+
+    def ask(
+        self,
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        p, backend, tok = self.pipeline, self.pipeline.backend, self.pipeline.tokenizer
+        timings: dict[str, float] = {}
+        if self.image is not None and self._image_embeds is None:
+            self._image_embeds, self._image_timings = p.encode_image(self.image)
+            timings.update(self._image_timings)
+        n_image = 0 if self._image_embeds is None else len(self._image_embeds)
+        ids = tok.encode(format_prompt([*self.turns, (question, None)]), bos=True)
+        prompt_len = n_image + len(ids)
+        if prompt_len >= backend.max_seq_len:
+            raise ContextOverflowError(
+                f"the conversation takes {prompt_len} tokens ({n_image} for the image); the context holds "
+                f"{backend.max_seq_len}. Start a new chat or ask a shorter question.")
+        max_new_tokens = min(max_new_tokens, backend.max_seq_len - prompt_len)
+
+        t0 = time.perf_counter()
+        keep = _common_prefix(self._cached, ids)
+        if keep == 0:  # nothing reusable: BOS, the image, then the text
+            backend.truncate(0)
+            embeds = [backend.embed(np.array(ids[:1]))]
+            if n_image:
+                embeds.append(self._image_embeds)
+            new = ids[1:]
+        else:
+            keep = min(keep, len(ids) - 1)  # always prefill at least one token, for its logits
+            backend.truncate(n_image + keep)
+            embeds, new = [], ids[keep:]
+        embeds.append(backend.embed(np.array(new)))
+        sequence = np.concatenate(embeds)
+        logits = backend.forward(sequence)
+        timings["prefill"] = time.perf_counter() - t0
+        timings["prefill_tokens"] = float(len(sequence))
+        self._cached = ids
+        decode_start = time.perf_counter()
+
+        def feed(token: int) -> np.ndarray:
+            self._cached.append(token)
+            return backend.forward(backend.embed(np.array([token])))
+
+        stream, stop_reason = decode_loop(
+            logits, feed, tok.decode, tok.eos_id, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, rng=np.random.default_rng(seed), on_text=on_text)
+        timings["decode"] = time.perf_counter() - decode_start
+        timings["decode_tokens"] = float(max(len(stream.ids) - 1, 0))
+        self.turns.append((question, stream.text.strip()))
+        return Answer(stream.text, stream.ids, prompt_len, len(sequence), n_image, stop_reason, timings)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def load(export_dir: str | os.PathLike, backend: str = "onnx", threads: int | None = None) -> Pipeline:
+    return Pipeline(export_dir, backend, threads=threads)
