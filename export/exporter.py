@@ -95,7 +95,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
 
             graphs["pte"] = export_pte(model, stage, quant=options.quant, group_size=options.group_size,
                                        vision_quant=options.vision_quant, embedding_quant=options.embedding_quant,
-                                       on_stage=say)
+                                       tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}, on_stage=say)
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": {"name": model.config.name, "paper_name": model.config.paper_name,

@@ -1,0 +1,139 @@
+"""ExecuTorch export: one `program.pte` with the methods ExecuTorch's multimodal runner expects.
+
+Methods (DESIGN.md section 4): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
+`token_embedding` (ids [1, L] over text vocabulary + skip/start/end), `text_decoder` (embeddings
+[1, L, dim] + positions [L] -> last-token logits, static KV cache inside as mutable buffers), plus
+constant methods with the metadata a runner reads (`get_max_seq_len`, `get_vocab_size`, ...).
+
+Quantization is torchao's, applied to the eager modules before `torch.export`:
+int4 = 8da4w (int8 dynamic activations, int4 weights per group, default group 32) and int8 = 8da8w
+on the LLM linears; the vision linears get 8da8w for int8/int4; the embedding table optionally
+int8 weight-only. Everything that XNNPACK supports is delegated to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
+from sphinx_edge.export.onnx import _quiet
+from sphinx_edge.io import atomic_path
+from sphinx_edge.model.sphinx import SphinxModel
+
+PTE_QUANTS = ("fp32", "int8", "int4")
+METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+
+
+def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    granularity = PerGroup(group_size) if bits == 4 else PerAxis(0)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"),
+                                                   weight_granularity=granularity)
+    with _quiet():
+        quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+
+
+def _quantize_embedding(module: nn.Module) -> None:
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    with _quiet():
+        quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+
+
+def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = None) -> dict:
+    """Metadata a runner reads without running a graph (ExecuTorch's `get_*` convention)."""
+    cfg = model.config
+    meta = {
+        "get_max_seq_len": cfg.llm.max_seq_len,
+        "get_max_context_len": cfg.llm.max_seq_len,
+        "get_vocab_size": cfg.llm.vocab_size,
+        "get_n_layers": cfg.llm.n_layers,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_skip_id": cfg.skip_id,
+        "get_tokens_per_view": cfg.tokens_per_view,
+        "get_tile_size": cfg.convnext.image_size,
+        "get_dino_size": cfg.dinov2.image_size,
+        "get_grid": cfg.grid,
+    }
+    if tokenizer_ids:
+        meta["get_bos_id"] = tokenizer_ids["bos"]
+        meta["get_eos_ids"] = [tokenizer_ids["eos"]]
+    return meta
+
+
+def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
+                    embedding_quant: str) -> dict[str, torch.export.ExportedProgram]:
+    """The three methods as ExportedPrograms (quantized copies; `model` is left untouched)."""
+    cfg = model.config
+    model = copy.deepcopy(model).eval()
+    if quant in ("int8", "int4"):
+        _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
+        _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
+    if vision_quant == "int8":
+        for part in (model.convnext, model.dinov2, model.visual_proj):
+            _quantize_linears(part, 8, group_size)
+    embedding = TokenEmbedding(model)
+    if embedding_quant == "int8":
+        _quantize_embedding(embedding)
+    max_views = cfg.grid * cfg.grid + 1
+    pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
+    seq = Dim("seq_len", min=1, max=cfg.llm.max_seq_len)
+    model.llm.setup_caches(max_seq_len=cfg.llm.max_seq_len)
+    programs = {}
+    with _quiet(), torch.no_grad():
+        programs["vision_encoder"] = torch.export.export(
+            VisionEncoder(model), (pixels,), dynamic_shapes=({0: Dim("num_views", min=1, max=max_views)},))
+        programs["token_embedding"] = torch.export.export(
+            embedding, (torch.zeros(1, 3, dtype=torch.long),), dynamic_shapes=({1: seq},))
+        programs["text_decoder"] = torch.export.export(
+            TextDecoder(model), (torch.zeros(1, 3, cfg.llm.dim), torch.arange(3)),
+            dynamic_shapes=({1: seq}, {0: seq}))
+    return programs
+
+
+def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
+               vision_quant: str | None = None, embedding_quant: str = "fp32", tokenizer_ids=None,
+               on_stage=None) -> dict:
+    """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry."""
+    if quant not in PTE_QUANTS:
+        raise ValueError(f"the pte format supports --quant {', '.join(PTE_QUANTS)}; got {quant!r} "
+                         "(XNNPACK's fp16 kernels target ARM; use the onnx format for fp16)")
+    vision_quant = vision_quant or ("int8" if quant in ("int8", "int4") else "fp32")
+    if vision_quant not in ("fp32", "int8"):
+        raise ValueError(f"the pte vision encoder is fp32 or int8; got {vision_quant!r}")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    if on_stage:
+        on_stage("pte export")
+    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant)
+    if on_stage:
+        on_stage("pte lower (XNNPACK)")
+    with _quiet():
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner={name: [XnnpackPartitioner()] for name in ("vision_encoder", "text_decoder")},
+            constant_methods=constant_methods(model, tokenizer_ids),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS}))
+    path = Path(out_dir) / "program.pte"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program.buffer)
+    return {"program": {"files": [path.name], "methods": list(METHODS),
+                        "constant_methods": sorted(constant_methods(model, tokenizer_ids))}}
