@@ -39,12 +39,12 @@ def _quiet():
     """torch.onnx and onnxruntime's quantizers print pages of progress; keep the CLI's own bar."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        level = logging.root.level
+        previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
         try:
             yield
         finally:
-            logging.disable(level)
+            logging.disable(previous)
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
@@ -88,8 +88,10 @@ def quantize_graph(proto: onnx.ModelProto, quant: str, *, block_size: int = 32, 
     if quant == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)  # the converter works in place
         with _quiet():
-            return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+            return convert_float_to_float16(copy, keep_io_types=True, disable_shape_infer=True)
     if quant == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -47,7 +47,7 @@ def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: 
 
 def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path, tokens: list[int]) -> list[np.ndarray]:
     """The export's logits at each step when fed `tokens` (the torch model's continuation)."""
-    cfg, backend, tok = pipeline.config, pipeline.backend, pipeline.tokenizer
+    backend, tok = pipeline.backend, pipeline.tokenizer
     image_embeds, _ = pipeline.encode_image(image)
     ids = tok.encode(prompt, bos=True)
     backend.truncate(0)
@@ -55,7 +55,6 @@ def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path, tokens:
     out = [backend.forward(seq)]
     for t in tokens[:-1]:
         out.append(backend.forward(backend.embed(np.array([t]))))
-    del cfg
     return out
 
 

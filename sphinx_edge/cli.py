@@ -190,6 +190,177 @@ def train(
     run(cfg)
 
 
+SIZE_WEIGHTS_HELP = {
+    "tiny": "SPHINX-Tiny's released weights (LLaMA2-Accessory format, Alpha-VLLM/SPHINX on Hugging Face: "
+            "the SPHINX-Tiny folder) or parts assembled with `sphinx-edge assemble`",
+}
+
+
+def _stand_in_tokenizer(vocab_size: int, workdir: Path) -> Path:
+    """A small byte-fallback tokenizer for random-weight exports (latency work needs token ids, not meaning)."""
+    from sphinx_edge.prompt import format_prompt
+    from sphinx_edge.train.synthetic import QUESTIONS
+    from sphinx_edge.train.tokenizer import train_tokenizer
+
+    size = min(vocab_size, 1024)
+    if size < 300:
+        fail(f"the model's vocabulary ({vocab_size}) is too small for a stand-in tokenizer; give --tokenizer FILE")
+    texts = [format_prompt([(q, "yes")]) for q in QUESTIONS.values()] * 50
+    return train_tokenizer(texts, workdir / "tokenizer.model", size)
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+@app.command("export")
+def export_cmd(
+    size: Annotated[str, typer.Option(help=f"Model size: {', '.join(SIZES)}.")],
+    out: Annotated[Path, typer.Option(help="Output directory (created; refused if it holds another export).")],
+    quant: Annotated[str, typer.Option(help="fp32, fp16 (onnx only), int8 or int4 (LLM linears).")] = "int4",
+    fmt: Annotated[str, typer.Option("--format", help="onnx, pte or both.")] = "onnx",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory; default: the bundled weights of --size.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Random weights of the real shape: for latency "
+                                              "and memory work only (answers are noise).")] = False,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model (default: the checkpoint's; with "
+                                                      "--random-init a small stand-in is trained).")] = None,
+    group_size: Annotated[int, typer.Option(help="int4 block (onnx) / group (pte) size.")] = 32,
+    vision_quant: Annotated[Optional[str], typer.Option(help="Vision encoder: fp32 or int8 (default: int8 when "
+                                                        "--quant is int8/int4, else fp32).")] = None,
+    embedding_quant: Annotated[str, typer.Option(help="Embedding table: fp32 or int8.")] = "fp32",
+    verify: Annotated[bool, typer.Option(help="Check the graphs against the PyTorch model after exporting.")] = True,
+    eval_samples: Annotated[int, typer.Option("--eval", help="Also score N held-out synthetic questions "
+                                              "(torch vs export; meaningful for nano).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
+) -> None:
+    """Export a SPHINX model to ONNX and/or ExecuTorch graphs with a dynamic tile count, quantized.
+
+    Writes the component graphs, tokenizer.model and manifest.json (config, file hashes, graph IO,
+    tool versions, verification figures) into --out, atomically: an interrupted export leaves no
+    finished-looking directory. Example: sphinx-edge export --size tiny --quant int4 --random-init --format both --out exports/tiny-int4
+    """
+    import tempfile
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if size not in SIZES:
+        fail(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    formats = {"onnx": ("onnx",), "pte": ("pte",), "both": ("onnx", "pte")}.get(fmt)
+    if formats is None:
+        fail(f"unknown format {fmt!r}; choose onnx, pte or both")
+    if quant not in ("fp32", "fp16", "int8", "int4"):
+        fail(f"unknown quantization {quant!r}; choose fp32, fp16, int8 or int4")
+    if quant == "fp16" and "pte" in formats:
+        fail("fp16 is available for --format onnx only (XNNPACK's fp16 kernels target ARM); use fp32, int8 or int4 for pte")
+    bundled = BUNDLED / size
+    if checkpoint is None and not random_init and not (bundled / "config.json").exists():
+        how = SIZE_WEIGHTS_HELP.get(size, "the released checkpoint of this size (LLaMA2-Accessory format)")
+        fail(f"no weights for {size!r}: give --checkpoint DIR with {how}; or pass --random-init to export random "
+             "weights of the real shape, which is what latency and memory benchmarks need (answers will be noise)")
+    counts = parameter_counts(get_config(size))
+    need = counts["total"] * 4 * 1.5 / 2**30  # fp32 weights plus the largest graph being written
+    free = _memory_gib()
+    if free is not None and need > 0.5 * free:
+        console.print(f"[yellow]warning:[/] exporting {size} needs about {need:.0f} GiB of memory; "
+                      f"{free:.0f} GiB is available")
+
+    from sphinx_edge.export.exporter import ExportError, ExportOptions, export_model
+    from sphinx_edge.tokenizer import Tokenizer, TokenizerError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if random_init:
+            from sphinx_edge.model.sphinx import build_model
+
+            model = build_model(get_config(size)).eval()
+            tok_file = tokenizer or _stand_in_tokenizer(model.config.llm.vocab_size, Path(tmp))
+        else:
+            from sphinx_edge.checkpoints import tokenizer_path
+
+            checkpoint = checkpoint or bundled
+            model = _load(checkpoint, size)
+            tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
+        try:
+            tok = Tokenizer(tok_file)
+        except TokenizerError as e:
+            fail(str(e))
+        if tok.vocab_size > model.config.llm.vocab_size:
+            fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {model.config.llm.vocab_size}")
+        options = ExportOptions(quant=quant, formats=formats, vision_quant=vision_quant, embedding_quant=embedding_quant,
+                                group_size=group_size, verify=verify, eval_samples=eval_samples)
+        started = time.perf_counter()
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            try:
+                manifest = export_model(model, tok, out, options, overwrite=overwrite,
+                                        on_stage=lambda s: bar.update(task, description=s))
+            except (ExportError, ValueError) as e:
+                fail(str(e))
+    _print_export_summary(out, manifest, time.perf_counter() - started)
+
+
+def _print_export_summary(out: Path, manifest: dict, seconds: float) -> None:
+    table = Table(title=f"{manifest['model']['name']} -> {out} ({manifest['quantization']['quant']}, {seconds:.0f} s)")
+    table.add_column("file")
+    table.add_column("MB", justify="right")
+    for name, entry in manifest["files"].items():
+        table.add_row(name, f"{entry['bytes'] / 1e6:.2f}")
+    console.print(table)
+    ver = manifest.get("verification")
+    if not ver:
+        console.print("[dim]verification skipped (--no-verify)[/]")
+        return
+    checks = Table(title="verification against the PyTorch fp32 model")
+    for col in ("graphs", "max |logit diff| (prefill)", "top-1 agreement", "result"):
+        checks.add_column(col)
+    for fmt in ("onnx", "pte"):
+        if fmt in ver:
+            v = ver[fmt]
+            result = {True: "[green]pass[/]", False: "[red]FAIL[/]"}.get(v.get("passed"), "reported")
+            checks.add_row(fmt, f"{v['prefill_max_abs_logit_diff']:.2e}", f"{v['top1_agreement']:.1%} of {v['steps']}", result)
+    console.print(checks)
+    if "accuracy" in ver:
+        acc = ver["accuracy"]
+        console.print("exact match on " + str(acc["n"]) + " held-out questions: " +
+                      ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n"))
+
+
+@app.command()
+def run(
+    export_dir: Annotated[Path, typer.Argument(help="A directory written by `sphinx-edge export`.")],
+    prompt: Annotated[str, typer.Option(help="The question.")],
+    image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
+    backend: Annotated[str, typer.Option(help="onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the runtime's).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Answer one question with an exported model (no PyTorch on the onnx backend), with stage timings."""
+    from sphinx_edge.layout import ImageLoadError
+    from sphinx_edge.runtime.manifest import ManifestError
+    from sphinx_edge.runtime.pipeline import ContextOverflowError, Pipeline
+
+    try:
+        pipeline = Pipeline(export_dir, backend, threads=threads)
+        answer = pipeline.answer(prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
+    except (ManifestError, ImageLoadError, ContextOverflowError, ValueError) as e:
+        fail(str(e))
+    console.print()
+    t = answer.timings
+    parts = [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "decode") if k in t]
+    console.print(f"[dim]{answer.prompt_len} prompt tokens ({answer.image_tokens} image), {len(answer.token_ids)} "
+                  f"generated, stop: {answer.stop_reason}; " + ", ".join(parts) + "[/]")
+
+
 @app.command("eval")
 def evaluate(
     data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],

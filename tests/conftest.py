@@ -59,3 +59,27 @@ def model_factory():
         return build_model(get_config(size), seed=seed).eval()
 
     return build
+
+
+def _export(tmp_path_factory, tokenizer_file, quant: str, formats: tuple[str, ...]):
+    from sphinx_edge.config import get_config
+    from sphinx_edge.export.exporter import ExportOptions, export_model
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.tokenizer import Tokenizer
+
+    model = build_model(get_config("test-tiny"), seed=0).eval()
+    out = tmp_path_factory.mktemp("export") / f"test-tiny-{quant}"
+    manifest = export_model(model, Tokenizer(tokenizer_file), out, ExportOptions(quant=quant, formats=formats))
+    return model, out, manifest
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory, tokenizer_file):
+    """(model, export dir, manifest): test-tiny exported to fp32 ONNX, verified."""
+    return _export(tmp_path_factory, tokenizer_file, "fp32", ("onnx",))
+
+
+@pytest.fixture(scope="session")
+def pte_export(tmp_path_factory, tokenizer_file):
+    """(model, export dir, manifest): test-tiny exported to an fp32 ExecuTorch program, verified."""
+    return _export(tmp_path_factory, tokenizer_file, "fp32", ("pte",))

@@ -21,7 +21,7 @@ def run(*args):
 def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
-    commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo"]
+    commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -115,3 +115,35 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert code == 0, out
     code, out = run("train", tmp_path / "missing.toml")
     assert code == 2 and "missing.toml" in out
+
+
+def test_export_explains_missing_weights_and_bad_options(tmp_path):
+    code, out = run("export", "--size", "tiny", "--out", tmp_path / "e")
+    assert code == 2 and "SPHINX-Tiny" in out and "--random-init" in out
+    code, out = run("export", "--size", "huge", "--out", tmp_path / "e")
+    assert code == 2 and "unknown size 'huge'" in out
+    code, out = run("export", "--size", "test-tiny", "--quant", "fp16", "--format", "pte", "--random-init",
+                    "--out", tmp_path / "e")
+    assert code == 2 and "fp16 is available for --format onnx only" in out
+    code, out = run("export", "--size", "test-tiny", "--random-init", "--tokenizer", tmp_path / "none.model",
+                    "--out", tmp_path / "e")
+    assert code == 2 and "does not exist" in out
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_then_run(tokenizer_file, tmp_path):
+    code, out = run("export", "--size", "test-tiny", "--random-init", "--tokenizer", tokenizer_file, "--quant", "int8",
+                    "--out", tmp_path / "e")
+    assert code == 0, out
+    assert "decoder.onnx" in out and "tokenizer.model" in out
+    assert "top-1 agreement" in out
+    make_image(50, 100).save(tmp_path / "tall.png")
+    code, out = run("run", tmp_path / "e", "--prompt", "What is it?", "--image", tmp_path / "tall.png",
+                    "--max-new-tokens", "3")
+    assert code == 0, out
+    assert "image)" in out and "vision" in out and "prefill" in out
+    code, out = run("export", "--size", "test-tiny", "--random-init", "--tokenizer", tokenizer_file,
+                    "--out", tmp_path / "e")
+    assert code == 2 and "already holds an export of 'test-tiny'" in out
+    code, out = run("run", tmp_path / "nowhere", "--prompt", "hi")
+    assert code == 2 and "not a directory" in out

@@ -1,0 +1,158 @@
+"""ONNX export of a small model: parity with torch, dynamic views, skip tokens, quantization, bad inputs."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import make_image
+from sphinx_edge.export.exporter import ExportError, ExportOptions, export_model
+from sphinx_edge.export.graphs import VisionEncoder
+from sphinx_edge.export.onnx import decoder_graph, quantize_graph, save_graph
+from sphinx_edge.layout import pack_views, preprocess
+from sphinx_edge.runtime.manifest import ManifestError, read_manifest
+from sphinx_edge.runtime.pipeline import Pipeline
+from sphinx_edge.tokenizer import Tokenizer
+
+
+def test_fp32_export_verifies_against_torch(onnx_export):
+    _, out, manifest = onnx_export
+    v = manifest["verification"]["onnx"]
+    assert v["passed"] and v["greedy_identical"] and v["steps"] == 32
+    assert v["prefill_max_abs_logit_diff"] <= 1e-3
+    assert read_manifest(out)["files"] == manifest["files"]
+    names = [i["name"] for i in manifest["graphs"]["onnx"]["decoder"]["inputs"]]
+    assert names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert manifest["graphs"]["onnx"]["decoder"]["outputs"][1]["name"] == "present.0.key"
+
+
+@pytest.mark.parametrize("n_views", [1, 2, 3, 5])
+def test_vision_graph_takes_any_number_of_views(onnx_export, n_views):
+    model, out, _ = onnx_export
+    cfg = model.config
+    pixels = torch.randn(n_views, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size,
+                         generator=torch.Generator().manual_seed(n_views))
+    session = ort.InferenceSession(str(out / "vision_encoder.onnx"))
+    got = session.run(None, {"pixel_values": pixels.numpy()})[0]
+    with torch.no_grad():
+        want = VisionEncoder(model)(pixels).numpy()
+    assert got.shape == (n_views, cfg.tokens_per_view, cfg.llm.dim)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_padded_tiles_shorten_the_exported_sequence(onnx_export, tmp_path):
+    model, out, _ = onnx_export
+    cfg = model.config
+    pipeline = Pipeline(out)
+    make_image(64, 64).save(tmp_path / "square.png")
+    make_image(120, 40, seed=1).save(tmp_path / "wide.png")  # 3:1: the bottom row of the 2x2 grid is padding
+    square = pipeline.answer("What is this?", tmp_path / "square.png", max_new_tokens=2)
+    wide = pipeline.answer("What is this?", tmp_path / "wide.png", max_new_tokens=2)
+    plan, _, _ = preprocess(tmp_path / "wide.png", layout=cfg.layout, grid=cfg.grid,
+                            tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size)
+    assert square.timings["views"] == 5 and wide.timings["views"] == plan.n_views == 3
+    assert square.image_tokens == 5 * cfg.tokens_per_view
+    assert wide.image_tokens == plan.n_image_tokens(cfg.tokens_per_view) == 3 * cfg.tokens_per_view + 2
+    assert wide.prompt_len < square.prompt_len
+
+
+def test_packed_views_keep_both_experts_exact(onnx_export, tmp_path):
+    model, _, _ = onnx_export
+    cfg = model.config
+    make_image(70, 30).save(tmp_path / "img.png")
+    _, cv, dv = preprocess(tmp_path / "img.png", layout=cfg.layout, grid=cfg.grid,
+                           tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size)
+    with torch.no_grad():
+        packed = VisionEncoder(model)(torch.from_numpy(pack_views(cv, dv)))
+        direct = model.encode_views(torch.from_numpy(cv), torch.from_numpy(dv))
+    torch.testing.assert_close(packed, direct, rtol=0, atol=0)
+
+
+def test_int4_uses_matmulnbits_and_reports_agreement(model_factory, tokenizer_file, tmp_path):
+    model = model_factory("test-tiny")
+    manifest = export_model(model, Tokenizer(tokenizer_file), tmp_path / "q", ExportOptions(quant="int4"))
+    ops = {n.op_type for n in onnx.load(tmp_path / "q" / "decoder.onnx", load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    vision_ops = {n.op_type for n in onnx.load(tmp_path / "q" / "vision_encoder.onnx", load_external_data=False).graph.node}
+    assert "MatMulInteger" in vision_ops  # int8 at most on the vision side
+    v = manifest["verification"]["onnx"]
+    assert 0.5 <= v["top1_agreement"] <= 1.0 and "passed" not in v
+    assert manifest["quantization"] == {"quant": "int4", "group_size": 32, "accuracy_level": 4, "vision": "int8",
+                                        "embedding": "fp32"}
+
+
+def test_same_model_exports_identical_graphs(onnx_export, tokenizer_file, tmp_path):
+    model, _, manifest = onnx_export
+    again = export_model(model, Tokenizer(tokenizer_file), tmp_path / "again", ExportOptions(verify=False))
+    graphs = [f for f in manifest["files"] if ".onnx" in f]
+    assert graphs and {f: again["files"][f] for f in graphs} == {f: manifest["files"][f] for f in graphs}
+
+
+def test_fp16_and_int8_graphs_load_and_stay_close(model_factory, tmp_path):
+    model = model_factory("test-tiny")
+    proto = decoder_graph(model)
+    for quant, op in (("fp16", "Cast"), ("int8", "MatMulInteger")):
+        q = quantize_graph(proto, quant, workdir=tmp_path)
+        assert op in {n.op_type for n in q.graph.node}
+        save_graph(q, tmp_path / f"{quant}.onnx")
+        ort.InferenceSession(str(tmp_path / f"{quant}.onnx"))
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_refuses_a_directory_holding_another_export(onnx_export, model_factory, tokenizer_file, tmp_path):
+    _, out, _ = onnx_export
+    other = model_factory("test-intern2")
+    with pytest.raises(ExportError, match="already holds an export of 'test-tiny'.*--overwrite"):
+        export_model(other, Tokenizer(tokenizer_file), out, ExportOptions(verify=False))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a finished sphinx-edge export"):
+        export_model(other, Tokenizer(tokenizer_file), tmp_path, ExportOptions(verify=False))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_export(model_factory, tokenizer_file, tmp_path):
+    tok = Tokenizer(tokenizer_file)
+    export_model(model_factory("test-tiny"), tok, tmp_path / "e", ExportOptions(verify=False))
+    manifest = export_model(model_factory("test-intern2"), tok, tmp_path / "e", ExportOptions(verify=False),
+                            overwrite=True)
+    assert read_manifest(tmp_path / "e")["model"]["name"] == manifest["model"]["name"] == "test-intern2"
+
+
+def test_interrupted_export_leaves_nothing_that_looks_finished(model_factory, tokenizer_file, tmp_path):
+    def interrupt(stage: str) -> None:
+        if stage == "onnx decoder":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model_factory("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
+                     ExportOptions(verify=False), on_stage=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_or_missing_files_are_refused(onnx_export, tmp_path):
+    import shutil
+
+    _, out, _ = onnx_export
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "decoder.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ManifestError, match="decoder.onnx.data does not match its manifest hash"):
+        Pipeline(copy)
+    (copy / "decoder.onnx.data").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        Pipeline(copy)
+    (copy / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ManifestError, match="format version 99"):
+        Pipeline(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        Pipeline(copy)
+    with pytest.raises(ManifestError, match="no pte graphs"):
+        Pipeline(out, "pte")

@@ -1,0 +1,68 @@
+"""The runtime: same greedy tokens as torch on both backends, torch-free ONNX path, cache reuse in chat."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import make_image
+from sphinx_edge.generate import generate
+from sphinx_edge.runtime.pipeline import Chat, ContextOverflowError, Pipeline
+from sphinx_edge.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    make_image(90, 40, seed=3).save(path)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["onnx", "pte"])
+def test_greedy_answer_matches_torch(backend, onnx_export, pte_export, tokenizer_file, image):
+    model, out, _ = onnx_export if backend == "onnx" else pte_export
+    want = generate(model, Tokenizer(tokenizer_file), "Describe the picture.", image, max_new_tokens=12)
+    got = Pipeline(out, backend).answer("Describe the picture.", image, max_new_tokens=12)
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert got.prompt_len == want.prompt_len and got.image_tokens == want.image_tokens
+
+
+def test_onnx_path_runs_without_torch(onnx_export, image):
+    _, out, _ = onnx_export
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from sphinx_edge.runtime.pipeline import Pipeline
+        answer = Pipeline({str(out)!r}).answer("Describe the picture.", {str(image)!r}, max_new_tokens=4)
+        assert "torch" not in sys.modules
+        print(len(answer.token_ids), answer.image_tokens)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[1] != "0"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "pte"])
+def test_second_turn_prefills_only_new_tokens(backend, onnx_export, pte_export, tokenizer_file, image):
+    model, out, _ = onnx_export if backend == "onnx" else pte_export
+    chat = Chat(Pipeline(out, backend), image)
+    first = chat.ask("What is in the picture?", max_new_tokens=6)
+    second = chat.ask("And the colours?", max_new_tokens=6)
+    assert first.prefilled == first.prompt_len
+    assert second.prefilled < second.prompt_len - first.prompt_len + len(first.token_ids) + 2
+    assert "vision" not in second.timings  # the image is encoded once
+    # The reused cache gives what a fresh run over the whole conversation gives.
+    fresh = generate(model, Tokenizer(tokenizer_file), list(chat.turns[:1]) + [("And the colours?", None)], image,
+                     max_new_tokens=6)
+    assert second.token_ids == fresh.token_ids
+
+
+def test_prompt_overflow_is_refused(onnx_export, image):
+    _, out, _ = onnx_export
+    with pytest.raises(ContextOverflowError, match="the context holds 512"):
+        Pipeline(out).answer("tell me " * 400, image)
