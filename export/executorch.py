@@ -105,13 +105,12 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
 
 
 def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
-               vision_quant: str | None = None, embedding_quant: str = "fp32", tokenizer_ids=None,
+               vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
                on_stage=None) -> dict:
     """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry."""
     if quant not in PTE_QUANTS:
         raise ValueError(f"the pte format supports --quant {', '.join(PTE_QUANTS)}; got {quant!r} "
                          "(XNNPACK's fp16 kernels target ARM; use the onnx format for fp16)")
-    vision_quant = vision_quant or ("int8" if quant in ("int8", "int4") else "fp32")
     if vision_quant not in ("fp32", "int8"):
         raise ValueError(f"the pte vision encoder is fp32 or int8; got {vision_quant!r}")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

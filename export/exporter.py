@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -39,7 +39,13 @@ class ExportOptions:
     accuracy_level: int = 4  # onnxruntime MatMulNBits compute type on CPU
     verify: bool = True
     eval_samples: int = 0  # held-out synthetic questions to score (SPHINX-Nano)
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def vision(self) -> str:
+        """The vision encoder's quantization: int8 at most, int8 by default for int8/int4."""
+        if self.vision_quant:
+            return self.vision_quant
+        return "int8" if self.quant in ("int8", "int4") else self.quant
 
 
 def _tool_versions() -> dict[str, str]:
@@ -86,7 +92,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
         if "onnx" in options.formats:
             from sphinx_edge.export.onnx import export_onnx, graph_io
 
-            files = export_onnx(model, stage, quant=options.quant, vision_quant=options.vision_quant,
+            files = export_onnx(model, stage, quant=options.quant, vision_quant=options.vision,
                                 embedding_quant=options.embedding_quant, block_size=options.group_size,
                                 accuracy_level=options.accuracy_level, on_stage=say)
             graphs["onnx"] = {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
@@ -94,7 +100,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
             from sphinx_edge.export.executorch import export_pte
 
             graphs["pte"] = export_pte(model, stage, quant=options.quant, group_size=options.group_size,
-                                       vision_quant=options.vision_quant, embedding_quant=options.embedding_quant,
+                                       vision_quant=options.vision, embedding_quant=options.embedding_quant,
                                        tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}, on_stage=say)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -103,7 +109,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
             "layout": model.config.layout,
             "quantization": {"quant": options.quant, "group_size": options.group_size,
                              "accuracy_level": options.accuracy_level,
-                             "vision": options.vision_quant or ("int8" if options.quant in ("int8", "int4") else options.quant),
+                             "vision": options.vision,
                              "embedding": options.embedding_quant},
             "tokenizer": "tokenizer.model",
             "files": {f.name: file_entry(f) for f in sorted(stage.iterdir()) if f.is_file()},

@@ -139,18 +139,17 @@ def graph_io(path: Path) -> dict:
     return {"inputs": spec(proto.graph.input), "outputs": spec(proto.graph.output)}
 
 
-def export_onnx(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", vision_quant: str | None = None,
+def export_onnx(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", vision_quant: str = "fp32",
                 embedding_quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
                 on_stage=None) -> dict[str, list[Path]]:
     """Writes `vision_encoder.onnx`, `token_embedding.onnx` and `decoder.onnx` (+ data) into `out_dir`.
 
-    `vision_quant` defaults to int8 for int8/int4 and to `quant` otherwise; `embedding_quant`
+    `vision_quant` is fp32, fp16 or int8 (`ExportOptions.vision` picks the default); `embedding_quant`
     ("fp32" or "int8") stores the embedding table in 8 bits. `on_stage(name)` is
     called before each stage (for progress bars). Returns {graph: files written}.
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    vision_quant = vision_quant or ("int8" if quant in ("int8", "int4") else quant)
     if vision_quant not in VISION_QUANTS:
         raise ValueError(f"the vision encoder is quantized to int8 at most; got {vision_quant!r}")
     if embedding_quant not in ("fp32", "int8"):

@@ -47,12 +47,9 @@ def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: 
 
 def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path, tokens: list[int]) -> list[np.ndarray]:
     """The export's logits at each step when fed `tokens` (the torch model's continuation)."""
-    backend, tok = pipeline.backend, pipeline.tokenizer
+    backend = pipeline.backend
     image_embeds, _ = pipeline.encode_image(image)
-    ids = tok.encode(prompt, bos=True)
-    backend.truncate(0)
-    seq = np.concatenate([backend.embed(np.array(ids[:1])), image_embeds, backend.embed(np.array(ids[1:]))])
-    out = [backend.forward(seq)]
+    out = [pipeline.prefill(pipeline.tokenizer.encode(prompt, bos=True), image_embeds)]
     for t in tokens[:-1]:
         out.append(backend.forward(backend.embed(np.array([t]))))
     return out

@@ -74,6 +74,16 @@ class Pipeline:
         parts = [views[index] if kind == "view" else skip[None] for kind, index in image_segments(plan)]
         return np.concatenate(parts), {"preprocess": t1 - t0, "vision": t2 - t1, "views": float(plan.n_views)}
 
+    def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """A fresh sequence (BOS, the image part, the rest of `ids`) into an empty cache; last logits."""
+        backend = self.backend
+        backend.truncate(0)
+        parts = [backend.embed(np.asarray(ids[:1]))]
+        if image_embeds is not None:
+            parts.append(image_embeds)
+        parts.append(backend.embed(np.asarray(ids[1:])))
+        return backend.forward(np.concatenate(parts))
+
     # -- one question -----------------------------------------------------------------------
 
     def answer(self, question: str, image: ImageSource | None = None, **kw) -> Answer:
@@ -117,22 +127,16 @@ class Chat:
         max_new_tokens = min(max_new_tokens, backend.max_seq_len - prompt_len)
 
         t0 = time.perf_counter()
-        keep = _common_prefix(self._cached, ids)
+        keep = min(_common_prefix(self._cached, ids), len(ids) - 1)  # prefill >= 1 token, for its logits
         if keep == 0:  # nothing reusable: BOS, the image, then the text
-            backend.truncate(0)
-            embeds = [backend.embed(np.array(ids[:1]))]
-            if n_image:
-                embeds.append(self._image_embeds)
-            new = ids[1:]
+            logits = p.prefill(ids, self._image_embeds)
+            prefilled = prompt_len
         else:
-            keep = min(keep, len(ids) - 1)  # always prefill at least one token, for its logits
             backend.truncate(n_image + keep)
-            embeds, new = [], ids[keep:]
-        embeds.append(backend.embed(np.array(new)))
-        sequence = np.concatenate(embeds)
-        logits = backend.forward(sequence)
+            logits = backend.forward(backend.embed(np.array(ids[keep:])))
+            prefilled = len(ids) - keep
         timings["prefill"] = time.perf_counter() - t0
-        timings["prefill_tokens"] = float(len(sequence))
+        timings["prefill_tokens"] = float(prefilled)
         self._cached = ids
         decode_start = time.perf_counter()
 
@@ -146,7 +150,7 @@ class Chat:
         timings["decode"] = time.perf_counter() - decode_start
         timings["decode_tokens"] = float(max(len(stream.ids) - 1, 0))
         self.turns.append((question, stream.text.strip()))
-        return Answer(stream.text, stream.ids, prompt_len, len(sequence), n_image, stop_reason, timings)
+        return Answer(stream.text, stream.ids, prompt_len, prefilled, n_image, stop_reason, timings)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
