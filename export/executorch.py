@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
-from sphinx_edge.export.onnx import _quiet
+from sphinx_edge.export.onnx import quiet
 from sphinx_edge.io import atomic_path
 from sphinx_edge.model.sphinx import SphinxModel
 
@@ -38,7 +38,7 @@ def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
     granularity = PerGroup(group_size) if bits == 4 else PerAxis(0)
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"),
                                                    weight_granularity=granularity)
-    with _quiet():
+    with quiet():
         quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
 
 
@@ -47,7 +47,7 @@ def _quantize_embedding(module: nn.Module) -> None:
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import IntxWeightOnlyConfig
 
-    with _quiet():
+    with quiet():
         quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
 
@@ -93,7 +93,7 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     seq = Dim("seq_len", min=1, max=cfg.llm.max_seq_len)
     model.llm.setup_caches(max_seq_len=cfg.llm.max_seq_len)
     programs = {}
-    with _quiet(), torch.no_grad():
+    with quiet(), torch.no_grad():
         programs["vision_encoder"] = torch.export.export(
             VisionEncoder(model), (pixels,), dynamic_shapes=({0: Dim("num_views", min=1, max=max_views)},))
         programs["token_embedding"] = torch.export.export(
@@ -122,7 +122,7 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
     programs = export_programs(model, quant, group_size, vision_quant, embedding_quant)
     if on_stage:
         on_stage("pte lower (XNNPACK)")
-    with _quiet():
+    with quiet():
         edge = to_edge_transform_and_lower(
             programs,
             partitioner={name: [XnnpackPartitioner()] for name in ("vision_encoder", "text_decoder")},

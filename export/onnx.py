@@ -31,11 +31,10 @@ from sphinx_edge.model.sphinx import SphinxModel
 OPSET = 18
 QUANTS = ("fp32", "fp16", "int8", "int4")
 VISION_QUANTS = ("fp32", "fp16", "int8")
-GRAPHS = ("vision_encoder", "token_embedding", "decoder")
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """torch.onnx and onnxruntime's quantizers print pages of progress; keep the CLI's own bar."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -49,7 +48,7 @@ def _quiet():
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
             dynamic_shapes) -> onnx.ModelProto:
-    with _quiet(), torch.no_grad():
+    with quiet(), torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
     return program.model_proto
@@ -90,12 +89,12 @@ def quantize_graph(proto: onnx.ModelProto, quant: str, *, block_size: int = 32, 
 
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)  # the converter works in place
-        with _quiet():
+        with quiet():
             return convert_float_to_float16(copy, keep_io_types=True, disable_shape_infer=True)
     if quant == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        with _quiet():
+        with quiet():
             quantizer = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True,
                                              accuracy_level=accuracy_level)
             quantizer.process()
@@ -105,7 +104,7 @@ def quantize_graph(proto: onnx.ModelProto, quant: str, *, block_size: int = 32, 
 
         src, dst = workdir / "int8_in.onnx", workdir / "int8_out.onnx"
         save_graph(proto, src)
-        with _quiet():
+        with quiet():
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
         out = onnx.load(dst)

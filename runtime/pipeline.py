@@ -161,6 +161,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         n += 1
     return n
 
-
-def load(export_dir: str | os.PathLike, backend: str = "onnx", threads: int | None = None) -> Pipeline:
-    return Pipeline(export_dir, backend, threads=threads)

@@ -189,9 +189,10 @@ class Transformer(nn.Module):
     def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, dim] for `inputs_embeds` [B, T, dim].
 
-        With caches set up, `input_pos` [T] holds the positions being written; the cache decides
-        which keys each query sees (`attention_mask`: every cached position up to its own). Without caches, the sequence starts at
-        position 0 (or at `input_pos`) and attention is plainly causal (training).
+        With caches set up, `input_pos` [T] holds the positions being written and the cache decides
+        which keys each query sees (`attention_mask`: every cached position up to its own). Without
+        caches, the sequence starts at position 0 (or at `input_pos`) and attention is plainly
+        causal (training).
         """
         T = inputs_embeds.shape[1]
         if input_pos is None:
