@@ -75,8 +75,12 @@ def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
 
 
 def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, options: ExportOptions, *,
-                 overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> dict:
-    """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest."""
+                 overwrite: bool = False, on_stage: Callable[[str], None] | None = None,
+                 source: dict | None = None) -> dict:
+    """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest.
+
+    `source` says where the weights came from (`{"checkpoint": DIR}` or `{"random_init": True,
+    "seed": S}`), so that a benchmark can rebuild the PyTorch reference."""
     out_dir = Path(out_dir)
     for fmt in options.formats:
         if fmt not in FORMATS:
@@ -106,6 +110,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
             "format_version": FORMAT_VERSION,
             "model": {"name": model.config.name, "paper_name": model.config.paper_name,
                       "config": model.config.to_dict()},
+            "source": source or {},
             "layout": model.config.layout,
             "quantization": {"quant": options.quant, "group_size": options.group_size,
                              "accuracy_level": options.accuracy_level,

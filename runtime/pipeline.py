@@ -41,12 +41,16 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, export_dir: str | os.PathLike, backend: str = "onnx", *, threads: int | None = None) -> None:
-        if backend not in BACKENDS:
+    """An export directory behind one backend: `backend` names one of BACKENDS, or is a ready
+    backend object (the benchmark's PyTorch reference) that then uses only the export's
+    manifest and tokenizer."""
+
+    def __init__(self, export_dir: str | os.PathLike, backend="onnx", *, threads: int | None = None) -> None:
+        if isinstance(backend, str) and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
-        files = graph_files(self.manifest, backend)
+        files = graph_files(self.manifest, backend) if isinstance(backend, str) else {}
         tokenizer = self.manifest.get("tokenizer")
         if not tokenizer:
             raise ManifestError(f"{self.export_dir} carries no tokenizer")
@@ -56,16 +60,18 @@ class Pipeline:
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{self.export_dir}: the manifest's model config is invalid: {e}") from e
         self.tokenizer = Tokenizer(self.export_dir / tokenizer)
-        self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads)
+        self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads) if files else backend
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def encode_image(self, image: ImageSource) -> tuple[np.ndarray, dict[str, float]]:
-        """The image part of the sequence [n_image_tokens, dim] and the time of each stage."""
+    def encode_image(self, image: ImageSource, layout: str | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """The image part of the sequence [n_image_tokens, dim] and the time of each stage.
+        `layout` overrides the model's (the benchmark compares skip tokens on and off)."""
         cfg = self.config
         t0 = time.perf_counter()
-        plan, convnext_views, dinov2_views = preprocess(
-            image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size)
+        plan, convnext_views, dinov2_views = preprocess(image, layout=layout or cfg.layout, grid=cfg.grid,
+                                                        tile_size=cfg.convnext.image_size,
+                                                        dino_size=cfg.dinov2.image_size)
         pixels = pack_views(convnext_views, dinov2_views)
         t1 = time.perf_counter()
         views = self.backend.encode_views(pixels)

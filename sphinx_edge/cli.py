@@ -135,37 +135,83 @@ def _model_and_tokenizer(checkpoint: Optional[Path], size: Optional[str]):
 
 @app.command()
 def chat(
-    question: Annotated[Optional[str], typer.Argument(help="The question; omit it to chat turn by turn.")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[EXPORT_DIR] [QUESTION]",
+        help="An export directory (run it with the torch-free runtime) and/or the question; with no question, "
+             "chat turn by turn (an empty line ends).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image to talk about.")] = None,
-    size: Annotated[Optional[str], typer.Option(help="Size; with no --checkpoint, its bundled weights (nano).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="PyTorch path: size; with no --checkpoint, its bundled weights (nano).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch path: model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
+    backend: Annotated[str, typer.Option(help="With EXPORT_DIR: onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
+    threads: Annotated[Optional[int], typer.Option(help="With EXPORT_DIR: CPU threads.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: int = 0,
 ) -> None:
-    """Ask about an image with the PyTorch model, streaming the answer (--size nano: bundled weights)."""
-    from sphinx_edge.generate import PromptTooLongError, generate as run
+    """Ask about an image, streaming the answer: with EXPORT_DIR through the exported graphs (the KV
+    cache kept between turns), else with the PyTorch model (--size nano: the bundled weights)."""
     from sphinx_edge.layout import ImageLoadError
 
-    model, tok = _model_and_tokenizer(checkpoint, size)
-    turns: list[tuple[str, Optional[str]]] = []
+    args = list(args or [])
+    export_dir = Path(args.pop(0)) if args and (Path(args[0]) / "manifest.json").is_file() else None
+    if len(args) > 1:
+        fail(f"expected at most one question, got {len(args)} arguments (quote the question)")
+    question = args[0] if args else None
+    stream = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                  on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
+    if export_dir is not None:
+        from sphinx_edge.runtime.manifest import ManifestError
+        from sphinx_edge.runtime.pipeline import Chat, ContextOverflowError, Pipeline
+
+        try:
+            conversation = Chat(Pipeline(export_dir, backend, threads=threads), image)
+        except (ManifestError, ValueError) as e:
+            fail(str(e))
+
+        def ask(q: str) -> str:
+            start = time.perf_counter()
+            try:
+                out = conversation.ask(q, **stream)
+            except ImageLoadError as e:
+                fail(str(e))
+            console.print()
+            console.print(f"[dim]{out.prompt_len} tokens in context ({out.image_tokens} image), {out.prefilled} "
+                          f"prefilled, {len(out.token_ids)} generated, stop: {out.stop_reason}, "
+                          f"{time.perf_counter() - start:.2f} s[/]")
+            return out.text
+        overflow: tuple[type[Exception], ...] = (ContextOverflowError,)
+    else:
+        from sphinx_edge.generate import PromptTooLongError, generate as run
+
+        model, tok = _model_and_tokenizer(checkpoint, size)
+        turns: list[tuple[str, Optional[str]]] = []
+
+        def ask(q: str) -> str:
+            start = time.perf_counter()
+            try:
+                out = run(model, tok, turns + [(q, None)], image, **stream)
+            except ImageLoadError as e:
+                fail(str(e))
+            console.print()
+            console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
+                          f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
+            turns.append((q, out.text.strip()))
+            return out.text
+        overflow = (PromptTooLongError,)
+
     while True:
         q = question if question is not None else typer.prompt("you", prompt_suffix="> ", default="", show_default=False)
         if not q.strip():
             return
         try:
-            start = time.perf_counter()
-            out = run(model, tok, turns + [(q, None)], image, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
-        except (ImageLoadError, PromptTooLongError) as e:
-            fail(str(e))
-        console.print()
-        console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
-                      f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
+            ask(q)
+        except overflow as e:
+            if question is not None:
+                fail(str(e))
+            console.print(f"[yellow]{e}[/]")  # interactive: the conversation so far stays; ask something shorter
         if question is not None:
             return
-        turns.append((q, out.text.strip()))
 
 
 @app.command()
@@ -277,14 +323,16 @@ def export_cmd(
         if random_init:
             from sphinx_edge.model.sphinx import build_model
 
-            model = build_model(get_config(size)).eval()
+            model = build_model(get_config(size), seed=0).eval()
             tok_file = tokenizer or _stand_in_tokenizer(model.config.llm.vocab_size, Path(tmp))
+            source = {"random_init": True, "seed": 0}
         else:
             from sphinx_edge.checkpoints import tokenizer_path
 
             checkpoint = checkpoint or bundled
             model = _load(checkpoint, size)
             tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
+            source = {"checkpoint": str(Path(checkpoint).resolve())}
         try:
             tok = Tokenizer(tok_file)
         except TokenizerError as e:
@@ -298,7 +346,7 @@ def export_cmd(
                       transient=True) as bar:
             task = bar.add_task("starting", total=None)
             try:
-                manifest = export_model(model, tok, out, options, overwrite=overwrite,
+                manifest = export_model(model, tok, out, options, overwrite=overwrite, source=source,
                                         on_stage=lambda s: bar.update(task, description=s))
             except (ExportError, ValueError) as e:
                 fail(str(e))
@@ -361,6 +409,91 @@ def run(
                   f"generated, stop: {answer.stop_reason}; " + ", ".join(parts) + "[/]")
 
 
+@app.command()
+def bench(
+    export_dirs: Annotated[list[Path], typer.Argument(help="Export directories (`sphinx-edge export`), e.g. one per "
+                                                      "quantization; each is benchmarked on every --backend it has.")],
+    backend: Annotated[list[str], typer.Option(help="torch (the PyTorch model the export came from, fp32), onnx, pte; "
+                                               "repeat the option for several.")] = ["torch", "onnx", "pte"],
+    image: Annotated[Optional[list[Path]], typer.Option(help="Images to ask about (default: the bundled square, "
+                                                        "2:1 and 1:3 samples); repeat for several.")] = None,
+    skip_tokens: Annotated[str, typer.Option(help="on: the model's layout (skip tokens for padded tiles); off: every "
+                                             "tile encoded (sphinx-1k); both: each image both ways.")] = "both",
+    prompt: Annotated[str, typer.Option(help="The question asked about each image.")] = "What is in the image?",
+    decode_tokens: Annotated[int, typer.Option(min=0, help="Greedy tokens decoded per answer (EOS ignored).")] = 32,
+    pp: Annotated[int, typer.Option(min=0, help="LLM alone: prompt tokens prefilled (llama-bench ppN; clipped to "
+                                    "the context; 0 skips the LLM-alone rows).")] = 512,
+    tg: Annotated[int, typer.Option(min=0, help="LLM alone: tokens generated (llama-bench tgN).")] = 128,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before the timed ones.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs; tables show medians and (min–max).")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per backend (default: each runtime's own).")] = None,
+    target: Annotated[str, typer.Option(help="local (this machine), android (adb + the C++ runner) or apple "
+                                        "(run on a Mac with Apple silicon).")] = "local",
+    bandwidth: Annotated[bool, typer.Option(help="Measure memory bandwidth, to express decode speed as a "
+                                            "fraction of the bandwidth bound.")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result here (JSON).")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Draw time to first token by stage here (PNG; needs "
+                                                "matplotlib: pip install 'sphinx-edge[bench]').")] = None,
+) -> None:
+    """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
+    end to end), peak RSS and artifact sizes over exports x backends x images x skip tokens on/off;
+    print markdown tables, optionally save JSON and a PNG chart.
+
+    Example: sphinx-edge bench exports/nano-int4 exports/nano-int8 --json bench.json --png bench.png
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sphinx_edge.benchmarks.bench import BACKENDS, BenchSpec, TargetUnavailable, check_target, run_matrix
+    from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
+    from sphinx_edge.runtime.manifest import ManifestError, read_manifest
+
+    try:
+        check_target(target)
+    except TargetUnavailable as e:
+        fail(str(e))
+    for b in backend:
+        if b not in BACKENDS:
+            fail(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    layouts = {"on": [None], "off": ["sphinx-1k"], "both": [None, "sphinx-1k"]}.get(skip_tokens)
+    if layouts is None:
+        fail(f"--skip-tokens is on, off or both, not {skip_tokens!r}")
+    images = image or sorted(SAMPLES.glob("*.png"))
+    for path in images:
+        if not path.is_file():
+            fail(f"no image at {path}")
+    n_cases = 0
+    for d in export_dirs:
+        try:
+            manifest = read_manifest(d)
+        except ManifestError as e:
+            fail(str(e))
+        n_cases += sum(b == "torch" or b in manifest["graphs"] for b in backend)
+    spec = BenchSpec(export_dirs, list(backend), images, layouts, prompt, decode_tokens, pp, tg, warmup, repeats,
+                     threads, bandwidth)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=n_cases + bandwidth)
+        started = [False]
+
+        def on_case(name: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=name)
+
+        result = run_matrix(spec, on_case)
+    console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        save_json(result, json_out)
+        console.print(f"wrote {json_out}")
+    if png:
+        try:
+            save_chart(result, png)
+        except RuntimeError as e:
+            fail(str(e))
+        console.print(f"wrote {png}")
+
+
 @app.command("eval")
 def evaluate(
     data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],
@@ -403,12 +536,14 @@ def data_synth(
     train_n: Annotated[int, typer.Option("--train", help="Training samples.")] = 20000,
     test_n: Annotated[int, typer.Option("--test", help="Held-out samples (another seed).")] = 500,
     seed: int = 0,
+    extra_questions: Annotated[bool, typer.Option(
+        help="Training records also ask every other fact of their image (held-out ones ask one question).")] = True,
 ) -> None:
     """Generate the synthetic multi-domain VQA set (colour, count, shape, text, position)."""
     from sphinx_edge.train.synthetic import generate as synth
 
     with console.status(f"writing {train_n} + {test_n} images to {out}"):
-        synth(out, train_n, seed=seed, split="train")
+        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions)
         synth(out, test_n, seed=seed + 1, split="test")
     console.print(f"wrote {out / 'train.json'} and {out / 'test.json'}")
 

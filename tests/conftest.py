@@ -69,7 +69,8 @@ def _export(tmp_path_factory, tokenizer_file, quant: str, formats: tuple[str, ..
 
     model = build_model(get_config("test-tiny"), seed=0).eval()
     out = tmp_path_factory.mktemp("export") / f"test-tiny-{quant}"
-    manifest = export_model(model, Tokenizer(tokenizer_file), out, ExportOptions(quant=quant, formats=formats))
+    manifest = export_model(model, Tokenizer(tokenizer_file), out, ExportOptions(quant=quant, formats=formats),
+                            source={"random_init": True, "seed": 0})
     return model, out, manifest
 
 

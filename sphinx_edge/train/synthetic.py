@@ -6,7 +6,8 @@ alone beyond chance, and the visual content stays legible once the image's longe
 resized to 256 px (shapes span a large fraction of the short side, digits are large and
 dark on a light background).
 
-Domains (one question per image, balanced with the aspect ratios in shuffled blocks):
+Domains (balanced with the aspect ratios in shuffled blocks; the first question of a record is
+the domain's own, and training records may ask every other fact of the scene after it):
 
 * ``colour``   -- 1-3 shapes of distinct kinds and colours: "What colour is the {shape}?"
 * ``count``    -- 1-6 identical shapes: "How many {shape}s are there?" -> "1".."6"
@@ -15,6 +16,11 @@ Domains (one question per image, balanced with the aspect ratios in shuffled blo
 * ``position`` -- two shapes far apart along the long axis:
   "Which side is the {colour} {shape} on?" -> left / right (wide and square images) or
   top / bottom (tall images)
+
+Extra questions (``extra_questions=True``) reuse the templates above where the scene answers them
+(the colour of a count image's shapes, the count of a shape image) and add two about numbers
+(``EXTRA_QUESTIONS``). They multiply the supervision per encoded image: Nano's encoders learn
+from scratch, and one question per image starves them.
 
 Output is LLaVA conversation json (``{split}.json``) next to an ``images/`` folder. Only
 pillow, numpy and the standard library are used (no torch).
@@ -60,7 +66,13 @@ QUESTIONS: dict[str, str] = {
     "text": "What number is written in the image?",
     "position": "Which side is the {colour} {shape} on?",
 }
+EXTRA_QUESTIONS: dict[str, str] = {
+    "digits": "How many digits does the number have?",
+    "first_digit": "What is the first digit of the number?",
+}
 IMAGE_TOKEN = "<image>"
+
+QA = list[tuple[str, str]]  # (question, answer) pairs about one image, the domain's own first
 
 
 # --------------------------------------------------------------------------- geometry
@@ -205,29 +217,36 @@ def _sample_colour(rng, img, draw):
     for kind, colour, (cx, cy) in zip(kinds, colours, centres):
         draw_shape(draw, kind, cx, cy, r, _jitter(rng, COLOURS[colour], COLOUR_JITTER))
     i = rng.randrange(k)
-    return QUESTIONS["colour"].format(shape=kinds[i]), colours[i]
+    order = [i] + [j for j in range(k) if j != i]
+    return [(QUESTIONS["colour"].format(shape=kinds[j]), colours[j]) for j in order]
 
 
 def _sample_count(rng, img, draw):
     w, h = img.size
     n = rng.randint(1, MAX_COUNT)
     kind = rng.choice(SHAPES)
-    colour = _jitter(rng, COLOURS[rng.choice(list(COLOURS))], COLOUR_JITTER)
+    name = rng.choice(list(COLOURS))
+    colour = _jitter(rng, COLOURS[name], COLOUR_JITTER)
     # A fixed capacity (not n-dependent) so that shape size says nothing about the count.
     centres, r = _cells(rng, w, h, n, capacity=MAX_COUNT, fill=(0.72, 0.95))
     for cx, cy in centres:
         draw_shape(draw, kind, cx, cy, r, colour)
-    return QUESTIONS["count"].format(shapes=PLURALS[kind]), str(n)
+    return [(QUESTIONS["count"].format(shapes=PLURALS[kind]), str(n)),
+            (QUESTIONS["shape"], kind),
+            (QUESTIONS["colour"].format(shape=kind), name)]
 
 
 def _sample_shape(rng, img, draw):
     w, h = img.size
     kind = rng.choice(SHAPES)
-    colour = _jitter(rng, COLOURS[rng.choice(list(COLOURS))], COLOUR_JITTER)
+    name = rng.choice(list(COLOURS))
+    colour = _jitter(rng, COLOURS[name], COLOUR_JITTER)
     centres, r = _cells(rng, w, h, 1, capacity=1, fill=(0.55, 0.95))
     cx, cy = centres[0]
     draw_shape(draw, kind, cx, cy, r, colour)
-    return QUESTIONS["shape"], kind
+    return [(QUESTIONS["shape"], kind),
+            (QUESTIONS["colour"].format(shape=kind), name),
+            (QUESTIONS["count"].format(shapes=PLURALS[kind]), "1")]
 
 
 def _sample_text(rng, img, draw):
@@ -235,7 +254,10 @@ def _sample_text(rng, img, draw):
     number = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
     fill = tuple(rng.randint(0, 60) for _ in range(3))
     _draw_number(rng, img, str(number), fill)
-    return QUESTIONS["text"], str(number)
+    text = str(number)
+    return [(QUESTIONS["text"], text),
+            (EXTRA_QUESTIONS["digits"], str(len(text))),
+            (EXTRA_QUESTIONS["first_digit"], text[0])]
 
 
 def _sample_position(rng, img, draw):
@@ -254,7 +276,10 @@ def _sample_position(rng, img, draw):
         draw_shape(draw, kind, cx, cy, r, _jitter(rng, COLOURS[colour], COLOUR_JITTER))
     i = rng.randrange(2)
     sides = ("top", "bottom") if tall else ("left", "right")
-    return QUESTIONS["position"].format(colour=colours[i], shape=kinds[i]), sides[i]
+    qa = [(QUESTIONS["position"].format(colour=colours[j], shape=kinds[j]), sides[j]) for j in (i, 1 - i)]
+    if kinds[0] != kinds[1]:
+        qa += [(QUESTIONS["colour"].format(shape=kinds[j]), colours[j]) for j in (0, 1)]
+    return qa
 
 
 _DOMAIN_FNS = {
@@ -294,37 +319,38 @@ def _plan(n: int, seed: int, split: str) -> list[tuple[str, str]]:
     return plan[:n]
 
 
-def make_sample(domain: str, aspect: str, rng: random.Random) -> tuple[Image.Image, str, str]:
-    """One (image, question, answer) for a domain and aspect, drawn with ``rng``."""
+def make_sample(domain: str, aspect: str, rng: random.Random) -> tuple[Image.Image, QA]:
+    """One image for a domain and aspect, drawn with ``rng``, and every (question, answer) it
+    supports, the domain's own question first."""
     w, h = image_size(aspect, rng.randint(*LONG_SIDE))
     img = Image.new("RGB", (w, h), _background(rng))
-    question, answer = _DOMAIN_FNS[domain](rng, img, ImageDraw.Draw(img))
-    return img, question, answer
+    qa = _DOMAIN_FNS[domain](rng, img, ImageDraw.Draw(img))
+    return img, qa
 
 
-def generate(out_dir: Path, n: int, *, seed: int, split: str = "train") -> Path:
+def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_questions: bool = False) -> Path:
     """Write ``n`` samples to ``out_dir/images/{split}_{i:06d}.png`` and ``out_dir/{split}.json``.
 
     The json is a LLaVA conversation list; each record also carries ``domain`` and ``aspect``
-    (``"w:h"``). Deterministic: the same (seed, split, n) gives the same bytes. Returns the json
-    path."""
+    (``"w:h"``). With ``extra_questions`` a record's conversation goes on, after its domain's own
+    question, with every other question its image answers (the images are the same either way).
+    Deterministic: the same (seed, split, n, extra_questions) gives the same bytes. Returns the
+    json path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i, (domain, aspect) in enumerate(_plan(n, seed, split)):
-        img, question, answer = make_sample(domain, aspect, _rng(seed, split, i))
+        img, qa = make_sample(domain, aspect, _rng(seed, split, i))
         name = f"images/{split}_{i:06d}.png"
         img.save(out_dir / name, format="PNG")
-        records.append({
-            "id": f"{split}_{i:06d}",
-            "image": name,
-            "domain": domain,
-            "aspect": aspect,
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-        })
+        if not extra_questions:
+            qa = qa[:1]
+        conversations = []
+        for turn, (question, answer) in enumerate(qa):
+            prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
+            conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+        records.append({"id": f"{split}_{i:06d}", "image": name, "domain": domain, "aspect": aspect,
+                        "conversations": conversations})
     path = out_dir / f"{split}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.", suffix=".json.tmp")
     try:

@@ -360,3 +360,57 @@ def test_evaluate_infers_aspect_when_missing(tmp_path):
     assert res["accuracy"] == 0.0 and set(res["per_aspect"]) <= set(ASPECTS)
     full = evaluate(lambda image, q: "", path)
     assert res["per_aspect"].keys() == full["per_aspect"].keys() and res["n_padded"] == full["n_padded"]
+
+
+# --------------------------------------------------------------------------- extra questions
+
+
+def _pairs(rec: dict) -> list[tuple[str, str]]:
+    conv = rec["conversations"]
+    return [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(conv[::2], conv[1::2])]
+
+
+def test_extra_questions_keep_images_and_first_question(tmp_path, dataset):
+    path, records = dataset
+    extra = generate(tmp_path, N, seed=0, split="train", extra_questions=True)
+    assert _file_digests(extra) == _file_digests(path)
+    many = json.loads(extra.read_text())
+    assert [_pairs(r)[0] for r in many] == [_pairs(r)[0] for r in records]
+    turns = [len(_pairs(r)) for r in many]
+    assert min(turns) >= 1 and sum(turns) / len(turns) > 2.5
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in many)
+    assert all("<image>" not in t["value"] for r in many for t in r["conversations"][1:])
+
+
+def test_extra_answers_match_pixels(tmp_path):
+    path = generate(tmp_path, 180, seed=5, split="train", extra_questions=True)
+    asked = Counter()
+    for rec in json.loads(path.read_text()):
+        px = _pixels(path, rec)
+        pairs = _pairs(rec)
+        assert len({q for q, _ in pairs}) == len(pairs), "a question asked twice about one image"
+        for q, a in pairs[1:]:
+            if m := QUESTION_RE["colour"].fullmatch(q):
+                comps = _components(_colour_mask(px, a))
+                assert comps and {_classify(c) for c in comps} == {m.group(1)}, (rec["id"], q, a)
+                asked["colour"] += 1
+            elif QUESTION_RE["shape"].fullmatch(q):
+                (colour,) = _present_colours(px)
+                assert {_classify(c) for c in _components(_colour_mask(px, colour))} == {a}
+                asked["shape"] += 1
+            elif m := QUESTION_RE["count"].fullmatch(q):
+                (colour,) = _present_colours(px)
+                assert len(_components(_colour_mask(px, colour))) == int(a)
+                asked["count"] += 1
+            elif QUESTION_RE["position"].fullmatch(q):
+                assert a in ANSWERS["position"]
+                asked["position"] += 1
+            elif q == syn.EXTRA_QUESTIONS["digits"]:
+                assert a == str(len(_answer(rec)))
+                asked["digits"] += 1
+            elif q == syn.EXTRA_QUESTIONS["first_digit"]:
+                assert a == _answer(rec)[0]
+                asked["first_digit"] += 1
+            else:
+                raise AssertionError(f"unexpected question {q!r}")
+    assert set(asked) == {"colour", "shape", "count", "position", "digits", "first_digit"}

@@ -1,0 +1,134 @@
+"""The benchmark matrix: export directories (one per quantization) x backends x images x layouts.
+
+Each (export, backend) pair runs in a fresh process (`benchmarks.case`), one after the other, so
+peak memory is measured per case and no case warms another's caches. Targets other than this
+machine need their hardware; when it is absent they say so and run nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+from sphinx_edge.benchmarks.system import describe, memory_bandwidth
+from sphinx_edge.config import SphinxConfig, parameter_counts
+from sphinx_edge.runtime.manifest import read_manifest
+
+BACKENDS = ("torch", "onnx", "pte")
+TARGETS = ("local", "android", "apple")
+# Bytes of a linear weight that decoding reads per token, by quantization (int4: 4-bit values
+# plus one fp32 scale per group).
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+class TargetUnavailable(RuntimeError):
+    """The chosen target's hardware or tools are not here."""
+
+
+class CaseFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class BenchSpec:
+    export_dirs: list[Path]
+    backends: list[str]
+    images: list[Path]
+    layouts: list[str | None]  # None = the model's own
+    prompt: str = "What is in the image?"
+    decode_tokens: int = 32
+    pp: int = 512
+    tg: int = 128
+    warmup: int = 1
+    repeats: int = 5
+    threads: int | None = None
+    bandwidth: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def check_target(target: str) -> None:
+    """Raises TargetUnavailable with what is missing; returns for a target that can run here."""
+    if target == "local":
+        return
+    if target == "android":
+        adb = shutil.which("adb")
+        if adb is None:
+            raise TargetUnavailable("--target android needs adb on PATH and a device attached (USB debugging on); "
+                                    "adb was not found")
+        out = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=30).stdout
+        if not [line for line in out.splitlines()[1:] if line.strip().endswith("device")]:
+            raise TargetUnavailable("--target android: adb sees no device; connect one and allow USB debugging")
+        raise TargetUnavailable("--target android needs the on-device C++ runner, which is not built yet")
+    if target == "apple":
+        if sys.platform != "darwin" or platform.machine() != "arm64":
+            raise TargetUnavailable("--target apple runs on a Mac with Apple silicon; this machine is "
+                                    f"{platform.system()} {platform.machine()}. Run the same command there.")
+        return
+    raise TargetUnavailable(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def decode_weight_bytes(config: SphinxConfig, quant: str, group_size: int = 32) -> float:
+    """Weight bytes one decode step reads: every LLM linear (the output head included); the
+    embedding table is read one row per token, so it is left out."""
+    llm = config.llm
+    linear = parameter_counts(config)["llm"] - llm.vocab_size * llm.dim - (2 * llm.n_layers + 1) * llm.dim
+    per_weight = WEIGHT_BYTES.get(quant, 0.5 + 4 / group_size)
+    return linear * per_weight
+
+
+def run_case(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
+    case = {"export_dir": str(export_dir), "backend": backend, "images": [str(p) for p in spec.images],
+            "layouts": spec.layouts, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
+            "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sphinx_edge.benchmarks.case", json.dumps(case)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise CaseFailed(f"{backend} on {export_dir} failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
+    """Every (export, backend) case; the PyTorch reference runs once per model, not per export.
+    Returns the whole result (machine, settings, cases, skipped cases with why)."""
+    cases, skipped, torch_done = [], [], set()
+    for export_dir in spec.export_dirs:
+        manifest = read_manifest(export_dir)
+        for backend in spec.backends:
+            if backend == "torch":
+                key = (manifest["model"]["name"], json.dumps(manifest.get("source", {}), sort_keys=True))
+                if key in torch_done:
+                    continue
+                torch_done.add(key)
+            elif backend not in manifest["graphs"]:
+                skipped.append({"export_dir": str(export_dir), "backend": backend,
+                                "why": f"the export has no {backend} graphs"})
+                continue
+            if on_case:
+                on_case(f"{backend} {manifest['quantization']['quant'] if backend != 'torch' else 'fp32'} "
+                        f"({export_dir.name})")
+            try:
+                result = run_case(spec, export_dir, backend)
+            except CaseFailed as e:
+                skipped.append({"export_dir": str(export_dir), "backend": backend, "why": str(e)})
+                continue
+            config = SphinxConfig.from_dict(manifest["model"]["config"])
+            result["decode_weight_bytes"] = decode_weight_bytes(config, result["quant"], result["group_size"] or 32)
+            cases.append(result)
+    if on_case and spec.bandwidth:
+        on_case("memory bandwidth")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
+    settings["export_dirs"] = [str(p) for p in spec.export_dirs]
+    settings["images"] = [str(p) for p in spec.images]
+    return {"date": date.today().isoformat(), "machine": describe(),
+            "bandwidth_gb_s": memory_bandwidth() if spec.bandwidth else None,
+            "settings": settings, "cases": cases, "skipped": skipped}

@@ -1,0 +1,122 @@
+"""A benchmark result as markdown tables, a JSON file and a PNG chart (time to first token by stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sphinx_edge.io import atomic_path, write_text_atomic
+
+STACK = ("preprocess", "vision", "prefill")  # the stages that add up to time to first token
+
+
+def _ms(stage: dict) -> str:
+    med, lo, hi = (1e3 * stage[k] for k in ("median", "min", "max"))
+    return f"{med:.1f} ({lo:.1f}–{hi:.1f})" if stage["n"] > 1 else f"{med:.1f}"
+
+
+def _rate(stage: dict) -> str:
+    return f"{stage['median']:.1f}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _label(case: dict) -> str:
+    return f"{case['backend']} {case['quant']}" + (f"/vis {case['vision_quant']}" if case["vision_quant"] != case["quant"]
+                                                   else "")
+
+
+def stage_table(result: dict) -> str:
+    """One row per (case, image, layout): the stage medians (ms, min–max) and rates."""
+    head = ("| backend / quant | image | layout | views | image tok | preprocess ms | vision ms (per view) | "
+            "prefill ms (tok/s) | TTFT ms | decode tok/s | end to end ms | peak RSS MiB | artifacts MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for case in result["cases"]:
+        for row in case["images"]:
+            s = row["stages"]
+            lines.append(
+                f"| {_label(case)} | {Path(row['image']).name} | {row['layout']} | {row['views']} | "
+                f"{row['image_tokens']} | {_ms(s['preprocess'])} | {_ms(s['vision'])} "
+                f"({1e3 * s['vision_per_view']['median']:.1f}) | {_ms(s['prefill'])} ({_rate(s['prefill_tok_s'])}) | "
+                f"{_ms(s['ttft'])} | {_rate(s['decode_tok_s'])} | {_ms(s['e2e'])} | {case['peak_rss_mib']:.0f} | "
+                f"{_mib(case['artifact_bytes'])} |")
+    return "\n".join(lines)
+
+
+def llm_table(result: dict) -> str:
+    """llama-bench style pp / tg per case, with decode as a fraction of the memory-bandwidth bound."""
+    bw = result.get("bandwidth_gb_s")
+    lines = ["| backend / quant | pp tok/s | tg tok/s | LLM weights read per token MiB | "
+             "tg x weights / bandwidth |", "|---|---|---|---|---|"]
+    for case in result["cases"]:
+        llm = case.get("llm")
+        if not llm:
+            continue
+        read = case["decode_weight_bytes"]
+        frac = f"{llm['tg_tok_s']['median'] * read / (bw * 1e9):.0%}" if bw else "–"
+        lines.append(f"| {_label(case)} | pp{llm['pp_tokens']}: {_rate(llm['pp_tok_s'])} | "
+                     f"tg{llm['tg_tokens']}: {_rate(llm['tg_tok_s'])} | {_mib(read)} | {frac} |")
+    return "\n".join(lines)
+
+
+def skip_table(result: dict) -> str:
+    """Time to first token with skip tokens (sphinx-x) against every tile encoded (sphinx-1k), per image."""
+    lines = ["| backend / quant | image | TTFT skip tokens ms | TTFT all tiles ms | change |", "|---|---|---|---|---|"]
+    for case in result["cases"]:
+        by = {(r["image"], r["layout"]): r for r in case["images"]}
+        for (image, layout), row in by.items():
+            other = by.get((image, "sphinx-1k"))
+            if layout != "sphinx-x" or other is None:
+                continue
+            a, b = row["stages"]["ttft"]["median"], other["stages"]["ttft"]["median"]
+            lines.append(f"| {_label(case)} | {Path(image).name} | {1e3 * a:.1f} | {1e3 * b:.1f} | {a / b - 1:+.0%} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    bw = result.get("bandwidth_gb_s")
+    parts = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; {result['date']}"
+             + (f"; copy bandwidth {bw:.1f} GB/s" if bw else ""), "", stage_table(result)]
+    if any(c.get("llm") for c in result["cases"]):
+        parts += ["", llm_table(result)]
+    skips = skip_table(result)
+    if skips:
+        parts += ["", skips]
+    for s in result.get("skipped", []):
+        parts.append(f"\nnot run: {s['backend']} on {s['export_dir']}: {s['why']}")
+    return "\n".join(parts)
+
+
+def save_json(result: dict, path: Path) -> None:
+    write_text_atomic(path, json.dumps(result, indent=1))
+
+
+def save_chart(result: dict, path: Path) -> None:
+    """A stacked horizontal bar per (case, image, layout): preprocess, vision, prefill (ms)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("the PNG chart needs matplotlib: pip install 'sphinx-edge[bench]'") from e
+    rows = [(f"{_label(c)} · {Path(r['image']).stem} · {r['layout']}", r["stages"]) for c in result["cases"]
+            for r in c["images"]]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for stage in STACK:
+        widths = [1e3 * s[stage]["median"] for _, s in rows]
+        ax.barh(range(len(rows)), widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time to first token, ms (median)")
+    ax.legend(loc="lower right")
+    ax.set_title(f"time to first token by stage — {result['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

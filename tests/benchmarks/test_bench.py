@@ -1,0 +1,103 @@
+"""The benchmark: the matrix runs every case in its own process and reports what it measured."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sphinx_edge.benchmarks import bench
+from sphinx_edge.benchmarks.bench import BenchSpec, TargetUnavailable, check_target, decode_weight_bytes, run_matrix
+from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
+from sphinx_edge.benchmarks.stages import time_llm
+from sphinx_edge.benchmarks.torch_backend import TorchBackend
+from sphinx_edge.cli import SAMPLES
+from sphinx_edge.config import get_config
+from sphinx_edge.runtime.pipeline import Pipeline
+
+WIDE, SQUARE = SAMPLES / "wide_2x1.png", SAMPLES / "square.png"
+
+
+@pytest.fixture(scope="module")
+def result(onnx_export, pte_export):
+    spec = BenchSpec([onnx_export[1], pte_export[1]], ["torch", "onnx", "pte"], [SQUARE, WIDE], [None, "sphinx-1k"],
+                     decode_tokens=3, pp=16, tg=4, warmup=0, repeats=2, bandwidth=False)
+    seen = []
+    out = run_matrix(spec, seen.append)
+    out["progress"] = seen
+    return out
+
+
+def test_matrix_runs_each_backend_once_where_the_export_has_it(result, onnx_export, pte_export):
+    cases = {(c["backend"], c["export_dir"]) for c in result["cases"]}
+    # torch once for the one source model; onnx only where exported, pte likewise
+    assert cases == {("torch", str(onnx_export[1])), ("onnx", str(onnx_export[1])), ("pte", str(pte_export[1]))}
+    assert {(s["backend"], s["export_dir"]) for s in result["skipped"]} == {
+        ("pte", str(onnx_export[1])), ("onnx", str(pte_export[1]))}
+    assert len(result["progress"]) == 3
+    json.dumps(result)
+
+
+def test_stages_are_measured_and_skip_tokens_shrink_the_work(result):
+    for case in result["cases"]:
+        assert case["peak_rss_mib"] > 50 and case["artifact_bytes"] > 0 and case["load_s"] > 0
+        rows = {(r["image"], r["layout"]): r for r in case["images"]}
+        assert len(rows) == 4
+        for row in rows.values():
+            s = row["stages"]
+            assert all(s[k]["n"] == 2 and s[k]["min"] <= s[k]["median"] <= s[k]["max"] for k in s)
+            assert s["ttft"]["median"] == pytest.approx(
+                s["preprocess"]["median"] + s["vision"]["median"] + s["prefill"]["median"], rel=0.5)
+            assert s["decode_tok_s"]["median"] > 0 and row["decode_tokens"] == 3
+        wide_skip, wide_all = rows[(str(WIDE), "sphinx-x")], rows[(str(WIDE), "sphinx-1k")]
+        assert (wide_skip["views"], wide_all["views"]) == (3, 5)
+        assert wide_skip["image_tokens"] < wide_all["image_tokens"]
+        sq_skip, sq_all = rows[(str(SQUARE), "sphinx-x")], rows[(str(SQUARE), "sphinx-1k")]
+        assert sq_skip["views"] == sq_all["views"] == 5
+        assert case["llm"]["pp_tokens"] == 16 and case["llm"]["tg_tokens"] == 4
+
+
+def test_report_tables_json_and_chart(result, tmp_path):
+    text = markdown(result)
+    assert text.count("| wide_2x1.png | sphinx-") == 6  # stage rows: 3 cases x 2 layouts
+    assert text.count("pp16:") == 3 and text.count("tg4:") == 3
+    skip_rows = text.split("TTFT skip tokens ms")[1]
+    assert skip_rows.count("| wide_2x1.png |") == 3 and skip_rows.count("| square.png |") == 3
+    assert "not run: pte on" in text
+    save_json(result, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["cases"] == result["cases"]
+    save_chart(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_torch_backend_matches_onnx(onnx_export):
+    model, out, _ = onnx_export
+    onnx, ref = Pipeline(out), Pipeline(out, TorchBackend(model))
+    ids = onnx.tokenizer.encode("What is in the image?", bos=True)
+    a = onnx.prefill(ids, onnx.encode_image(WIDE)[0])
+    b = ref.prefill(ids, ref.encode_image(WIDE)[0])
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert time_llm(ref, pp=8, tg=2, warmup=0, repeats=1)["tg_tokens"] == 2
+
+
+def test_decode_weight_bytes_counts_the_llm_linears(model_factory):
+    from torch import nn
+
+    model = model_factory("test-tiny")
+    linear = sum(m.weight.numel() for m in model.llm.modules() if isinstance(m, nn.Linear))
+    cfg = get_config("test-tiny")
+    assert decode_weight_bytes(cfg, "fp32") == 4 * linear
+    assert decode_weight_bytes(cfg, "int8") == linear
+    assert decode_weight_bytes(cfg, "int4", 32) == pytest.approx(linear * (0.5 + 4 / 32))
+
+
+def test_targets_without_their_hardware_say_so(monkeypatch):
+    check_target("local")
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    with pytest.raises(TargetUnavailable, match="adb was not found"):
+        check_target("android")
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    with pytest.raises(TargetUnavailable, match="Apple silicon"):
+        check_target("apple")
+    with pytest.raises(TargetUnavailable, match="unknown target"):
+        check_target("watch")
