@@ -1,8 +1,8 @@
 """ONNX export: one graph per component (DESIGN.md section 4), then onnxruntime's quantizers.
 
 Graphs come from `torch.onnx.export(dynamo=True)` at opset 18 with dynamic views, sequence and
-past lengths. Weights go to one external-data file per graph (`<graph>.onnx.data`), so no graph
-hits protobuf's 2 GB limit. Quantization is onnxruntime's own:
+past lengths, saved straight to disk; quantization then works file to file. Weights go to one
+external-data file per graph (`<graph>.onnx.data`), so no graph hits protobuf's 2 GB limit. Quantization is onnxruntime's own:
 
 * int4: `MatMulNBitsQuantizer` (symmetric, block 32, accuracy level 4) on the decoder's MatMuls;
 * int8: `quantize_dynamic` (per-channel int8 weights, dynamic uint8 activations) on MatMuls;
@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -47,26 +48,49 @@ def quiet():
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-            dynamic_shapes) -> onnx.ModelProto:
+            dynamic_shapes, path: Path, dim_names: dict[str, dict[int, str]] | None = None) -> None:
+    """Exports straight to `path` (+ `path.data`): the weights stream from the module to disk
+    instead of through an in-memory ModelProto, which would double a large model's memory.
+    `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...)."""
     with quiet(), torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
-    return program.model_proto
+        _data_file(path).unlink(missing_ok=True)
+        program.save(path, external_data=True)
+    if dim_names:
+        name_dims(path, dim_names)
 
 
-def vision_encoder_graph(model: SphinxModel) -> onnx.ModelProto:
+def name_dims(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
+    """Renames symbolic dimensions everywhere in the graph at `path` by what they are on its inputs
+    (optimum's names: sequence_length, past_sequence_length, ...); the weights are not touched."""
+    proto = onnx.load(path, load_external_data=False)
+    rename = {}
+    for value in proto.graph.input:
+        for axis, name in dim_names.get(value.name, {}).items():
+            rename[value.type.tensor_type.shape.dim[axis].dim_param] = name
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)
+    onnx.save(proto, path)
+
+
+def vision_encoder_graph(model: SphinxModel, path: Path) -> None:
     cfg = model.config
     pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
-    return _export(VisionEncoder(model), (pixels,), ["pixel_values"], ["image_embeds"],
-                   ({0: Dim("num_views", min=1, max=64)},))
+    _export(VisionEncoder(model), (pixels,), ["pixel_values"], ["image_embeds"],
+            ({0: Dim("num_views", min=1, max=64)},), path)
 
 
-def token_embedding_graph(model: SphinxModel) -> onnx.ModelProto:
+def token_embedding_graph(model: SphinxModel, path: Path) -> None:
     ids = torch.zeros(1, 3, dtype=torch.long)
-    return _export(TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], ({1: Dim.DYNAMIC},))
+    _export(TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], ({1: Dim.DYNAMIC},), path,
+            {"input_ids": {1: "sequence_length"}})
 
 
-def decoder_graph(model: SphinxModel) -> onnx.ModelProto:
+def decoder_graph(model: SphinxModel, path: Path) -> None:
     c = model.config.llm
     past, seq = 2, 3
     embeds = torch.zeros(1, seq, c.dim)
@@ -76,47 +100,53 @@ def decoder_graph(model: SphinxModel) -> onnx.ModelProto:
     inputs, outputs = decoder_io_names(c.n_layers)
     dyn = Dim.DYNAMIC
     shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in cache))
-    return _export(PastKVDecoder(model), (embeds, mask, positions, *cache), inputs, outputs, shapes)
+    names = {"inputs_embeds": {1: "sequence_length"}, "attention_mask": {1: "total_sequence_length"},
+             "position_ids": {1: "sequence_length"}, **{name: {2: "past_sequence_length"} for name in inputs[3:]}}
+    _export(PastKVDecoder(model), (embeds, mask, positions, *cache), inputs, outputs, shapes, path, names)
 
 
-def quantize_graph(proto: onnx.ModelProto, quant: str, *, block_size: int = 32, accuracy_level: int = 4,
-                   workdir: Path) -> onnx.ModelProto:
-    """`proto` quantized to `quant` (fp32 returns it unchanged). `workdir` holds scratch files."""
+def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> list[Path]:
+    """The graph at `src` quantized to `quant` and written to `dst` (+ data); returns the files written.
+    `dst`'s folder takes scratch files too."""
     if quant == "fp32":
-        return proto
-    if quant == "fp16":
+        proto = onnx.load(src)
+    elif quant == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)  # the converter works in place
         with quiet():
-            return convert_float_to_float16(copy, keep_io_types=True, disable_shape_infer=True)
-    if quant == "int4":
+            proto = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=True)
+    elif quant == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         with quiet():
-            quantizer = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True,
+            quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=block_size, is_symmetric=True,
                                              accuracy_level=accuracy_level)
             quantizer.process()
-        return quantizer.model.model
-    if quant == "int8":
+        proto = quantizer.model.model
+    elif quant == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        src, dst = workdir / "int8_in.onnx", workdir / "int8_out.onnx"
-        save_graph(proto, src)
-        with quiet():
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
-        out = onnx.load(dst)
-        for f in workdir.iterdir():
-            f.unlink()
-        return out
-    raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+        tmp = dst.with_name(f".{dst.name}.int8.onnx")
+        try:
+            with quiet():
+                quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
+            proto = onnx.load(tmp)
+        finally:
+            for f in tmp.parent.glob(f"{tmp.name}*"):
+                f.unlink()
+    else:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    return save_graph(proto, dst)
+
+
+def _data_file(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
 
 
 def save_graph(proto: onnx.ModelProto, path: Path) -> list[Path]:
     """Writes `path` and its external data `path.data`; returns the files written."""
-    data = path.with_name(path.name + ".data")
+    data = _data_file(path)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024, convert_attribute=False)
@@ -164,9 +194,18 @@ def export_onnx(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = 
         for name, (build, q) in builders.items():
             if on_stage:
                 on_stage(f"onnx {name}")
-            proto = quantize_graph(build(model), q, block_size=block_size, accuracy_level=accuracy_level,
-                                   workdir=scratch)
-            files[name] = save_graph(proto, out_dir / f"{name}.onnx")
+            final = out_dir / f"{name}.onnx"
+            if q == "fp32":
+                build(model, final)
+                files[name] = [f for f in (final, _data_file(final)) if f.exists()]
+                continue
+            fp32 = scratch / f"{name}.onnx"
+            build(model, fp32)
+            if on_stage:
+                on_stage(f"onnx {name}: {q}")
+            files[name] = quantize_file(fp32, q, final, block_size=block_size, accuracy_level=accuracy_level)
+            for f in scratch.iterdir():
+                f.unlink()
     finally:
         for f in scratch.iterdir():
             f.unlink()

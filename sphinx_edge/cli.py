@@ -457,7 +457,7 @@ def bench(
     layouts = {"on": [None], "off": ["sphinx-1k"], "both": [None, "sphinx-1k"]}.get(skip_tokens)
     if layouts is None:
         fail(f"--skip-tokens is on, off or both, not {skip_tokens!r}")
-    images = image or sorted(SAMPLES.glob("*.png"))
+    images = image or [SAMPLES / n for n in ("square.png", "wide_2x1.png", "tall_1x3.png")]
     for path in images:
         if not path.is_file():
             fail(f"no image at {path}")
@@ -601,45 +601,27 @@ def assemble(
     console.print(f"wrote {out}")
 
 
+DEMO_IMAGE = SAMPLES / "shapes_2x1.png"  # a held-out-style synthetic scene: 2:1, so two tiles are pure padding
+DEMO_QUESTION = "Which side is the yellow triangle on?"
+
+
 @app.command()
-def demo(size: Annotated[str, typer.Option(help="Size of the random-weight model to run.")] = "test-tiny") -> None:
-    """The bundled default: size table, tiling of the sample images, a forward pass of a small model."""
-    info(size=None)
-    samples = sorted(SAMPLES.glob("*.png"))
-    tiles(samples, size="tiny", layout=None)
-    tiles(samples, size="tiny", layout="sphinx-1k")
-
-    import torch
-
-    from sphinx_edge.layout import image_segments, preprocess
-    from sphinx_edge.model.sphinx import build_model
-
-    cfg = get_config(size)
-    model = build_model(cfg).eval()
-    table = Table(title=f"random-weight {size}: prefill + 16 greedy decode steps")
-    for col in ("image", "views", "sequence", "encode ms", "prefill ms", "decode ms/token"):
-        table.add_column(col)
-    with torch.inference_mode():
-        for path in samples:
-            plan, cv, dv = preprocess(path, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
-                                      dino_size=cfg.dinov2.image_size)
-            t0 = time.perf_counter()
-            views = model.encode_views(torch.from_numpy(cv), torch.from_numpy(dv))
-            t1 = time.perf_counter()
-            embeds = model.embed_sequence(torch.tensor([1, 5, 6, 7]), views, image_segments(plan))
-            model.llm.setup_caches(max_seq_len=embeds.shape[1] + 16)
-            logits = model.llm(embeds, torch.arange(embeds.shape[1]), last_logits_only=True)
-            t2 = time.perf_counter()
-            for step in range(16):
-                token = logits[0, -1].argmax().view(1, 1)
-                logits = model.llm(model.llm.tok_embeddings(token), torch.tensor([embeds.shape[1] + step]))
-            t3 = time.perf_counter()
-            model.llm.clear_caches()
-            table.add_row(path.name, str(plan.n_views), str(embeds.shape[1]), f"{(t1 - t0) * 1e3:.1f}",
-                          f"{(t2 - t1) * 1e3:.1f}", f"{(t3 - t2) * 1e3 / 16:.2f}")
-    console.print(table)
-    console.print("[dim]Trained weights: `sphinx-edge convert` a released SPHINX-Tiny directory, then "
-                  "`sphinx-edge chat --checkpoint DIR --image IMG \"question\"`.[/]")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the export goes.")] = Path("exports/nano-int4"),
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per benchmark row.")] = 3,
+) -> None:
+    """The main job on the bundled default: export SPHINX-Nano to int4 (ONNX and ExecuTorch), answer a
+    question about a bundled image with both backends, and print the per-stage latency table."""
+    if not (BUNDLED / "nano" / "config.json").exists():
+        fail("the bundled SPHINX-Nano weights are missing (sphinx_edge/weights/nano); `make nano` trains them")
+    console.rule("1. export SPHINX-Nano, int4, ONNX + ExecuTorch")
+    export_cmd(size="nano", out=out, quant="int4", fmt="both", overwrite=True)
+    for name in ("onnx", "pte"):
+        console.rule(f"2. {name}: {DEMO_QUESTION} ({DEMO_IMAGE.name})")
+        run(out, DEMO_QUESTION, image=DEMO_IMAGE, backend=name, max_new_tokens=16)
+    console.rule("3. latency by stage (this machine)")
+    bench([out], backend=["onnx", "pte"], image=[DEMO_IMAGE], skip_tokens="both", pp=256, tg=64, repeats=repeats,
+          bandwidth=False)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def run(*args):
 def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
-    commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run"]
+    commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
+                "bench"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -147,3 +148,35 @@ def test_export_then_run(tokenizer_file, tmp_path):
     assert code == 2 and "already holds an export of 'test-tiny'" in out
     code, out = run("run", tmp_path / "nowhere", "--prompt", "hi")
     assert code == 2 and "not a directory" in out
+
+
+def test_chat_with_an_export_keeps_the_cache_between_turns(onnx_export):
+    _, out_dir, _ = onnx_export
+    result = runner.invoke(app, ["chat", str(out_dir), "--image", str(SAMPLES / "wide_2x1.png"), "--max-new-tokens", "3"],
+                           input="What is it?\nAnd the colour?\n\n", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    stats = [line for line in result.output.splitlines() if "tokens in context" in line]
+    assert len(stats) == 2
+    first_context, first_prefill = (int(stats[0].split(" tokens in context")[0].split()[-1]),
+                                    int(stats[0].split(" prefilled")[0].split()[-1]))
+    second_context, second_prefill = (int(stats[1].split(" tokens in context")[0].split()[-1]),
+                                      int(stats[1].split(" prefilled")[0].split()[-1]))
+    assert first_prefill == first_context
+    assert second_context > first_context and second_prefill < second_context - first_context + 5
+    code, out = run("chat", out_dir, "tell me " * 400, "--image", SAMPLES / "wide_2x1.png")
+    assert code == 2 and "the context holds" in out
+
+
+def test_bench_prints_the_table_and_refuses_bad_options(onnx_export, tmp_path):
+    _, out_dir, _ = onnx_export
+    code, out = run("bench", out_dir, "--backend", "onnx", "--image", SAMPLES / "tall_1x3.png", "--repeats", "1",
+                    "--warmup", "0", "--pp", "8", "--tg", "2", "--decode-tokens", "2", "--no-bandwidth",
+                    "--json", tmp_path / "b.json")
+    assert code == 0, out
+    assert out.count("| onnx fp32 | tall_1x3.png |") == 3 and "pp8:" in out and (tmp_path / "b.json").exists()
+    code, out = run("bench", out_dir, "--backend", "tflite")
+    assert code == 2 and "unknown backend 'tflite'" in out
+    code, out = run("bench", tmp_path, "--backend", "onnx")
+    assert code == 2 and "manifest.json" in out
+    code, out = run("bench", out_dir, "--target", "apple")
+    assert code == 2 and "Apple silicon" in out

@@ -11,7 +11,7 @@ import torch
 from conftest import make_image
 from sphinx_edge.export.exporter import ExportError, ExportOptions, export_model
 from sphinx_edge.export.graphs import VisionEncoder
-from sphinx_edge.export.onnx import decoder_graph, quantize_graph, save_graph
+from sphinx_edge.export.onnx import decoder_graph, quantize_file
 from sphinx_edge.layout import pack_views, preprocess
 from sphinx_edge.runtime.manifest import ManifestError, read_manifest
 from sphinx_edge.runtime.pipeline import Pipeline
@@ -27,6 +27,14 @@ def test_fp32_export_verifies_against_torch(onnx_export):
     names = [i["name"] for i in manifest["graphs"]["onnx"]["decoder"]["inputs"]]
     assert names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]
     assert manifest["graphs"]["onnx"]["decoder"]["outputs"][1]["name"] == "present.0.key"
+    # optimum's dimension names, not torch.export's symbols
+    shapes = {v["name"]: v["shape"] for g in manifest["graphs"]["onnx"].values() for v in g["inputs"] + g["outputs"]}
+    assert shapes["inputs_embeds"][1] == shapes["position_ids"][1] == shapes["input_ids"][1] == "sequence_length"
+    assert shapes["attention_mask"] == [1, "total_sequence_length"]
+    assert shapes["past_key_values.0.key"][2] == "past_sequence_length"
+    assert shapes["present.0.key"][2] in ("past_sequence_length + sequence_length",
+                                         "sequence_length + past_sequence_length")
+    assert shapes["pixel_values"][0] == shapes["image_embeds"][0] == "num_views"
 
 
 @pytest.mark.parametrize("n_views", [1, 2, 3, 5])
@@ -93,12 +101,22 @@ def test_same_model_exports_identical_graphs(onnx_export, tokenizer_file, tmp_pa
 
 def test_fp16_and_int8_graphs_load_and_stay_close(model_factory, tmp_path):
     model = model_factory("test-tiny")
-    proto = decoder_graph(model)
-    for quant, op in (("fp16", "Cast"), ("int8", "MatMulInteger")):
-        q = quantize_graph(proto, quant, workdir=tmp_path)
-        assert op in {n.op_type for n in q.graph.node}
-        save_graph(q, tmp_path / f"{quant}.onnx")
-        ort.InferenceSession(str(tmp_path / f"{quant}.onnx"))
+    decoder_graph(model, tmp_path / "fp32.onnx")
+    c = model.config.llm
+    rng = np.random.default_rng(0)
+    feeds = {"inputs_embeds": rng.normal(0, 0.02, (1, 4, c.dim)).astype(np.float32),
+             "attention_mask": np.ones((1, 4), dtype=np.int64), "position_ids": np.arange(4)[None],
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
+                for i in range(c.n_layers) for kv in ("key", "value")}}
+    reference = ort.InferenceSession(str(tmp_path / "fp32.onnx")).run(["logits"], feeds)[0].ravel()
+    for quant, op, min_cosine in (("fp16", "Cast", 0.9999), ("int8", "MatMulInteger", 0.99), ("int4", "MatMulNBits", 0.95)):
+        files = quantize_file(tmp_path / "fp32.onnx", quant, tmp_path / f"{quant}.onnx")
+        assert files[0] == tmp_path / f"{quant}.onnx"
+        assert op in {n.op_type for n in onnx.load(files[0], load_external_data=False).graph.node}
+        got = ort.InferenceSession(str(files[0])).run(["logits"], feeds)[0].ravel()
+        cosine = got @ reference / np.linalg.norm(got) / np.linalg.norm(reference)
+        assert cosine >= min_cosine, (quant, cosine)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")], "scratch files left behind"
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
