@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -51,7 +51,6 @@ class BenchSpec:
     repeats: int = 5
     threads: int | None = None
     bandwidth: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def check_target(target: str) -> None:

@@ -75,10 +75,11 @@ def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = 
 
 
 def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
-                    embedding_quant: str) -> dict[str, torch.export.ExportedProgram]:
-    """The three methods as ExportedPrograms (quantized copies; `model` is left untouched)."""
+                    embedding_quant: str, in_place: bool = False) -> dict[str, torch.export.ExportedProgram]:
+    """The three methods as ExportedPrograms. Quantization works on a copy of `model`, or on
+    `model` itself when `in_place` (no second copy of a large model's weights)."""
     cfg = model.config
-    model = copy.deepcopy(model).eval()
+    model = (model if in_place else copy.deepcopy(model)).eval()
     if quant in ("int8", "int4"):
         _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
         _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
@@ -106,8 +107,9 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
 
 def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
                vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
-               on_stage=None) -> dict:
-    """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry."""
+               on_stage=None, in_place: bool = False) -> dict:
+    """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. With `in_place`
+    the model's own linears are quantized (the caller no longer needs its fp32 weights)."""
     if quant not in PTE_QUANTS:
         raise ValueError(f"the pte format supports --quant {', '.join(PTE_QUANTS)}; got {quant!r} "
                          "(XNNPACK's fp16 kernels target ARM; use the onnx format for fp16)")
@@ -119,7 +121,7 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
 
     if on_stage:
         on_stage("pte export")
-    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant)
+    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, in_place)
     if on_stage:
         on_stage("pte lower (XNNPACK)")
     with quiet():

@@ -7,6 +7,7 @@ target that holds another export (or anything else) is refused unless `overwrite
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import shutil
@@ -74,44 +75,63 @@ def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
     raise ExportError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out")
 
 
-def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, options: ExportOptions, *,
-                 overwrite: bool = False, on_stage: Callable[[str], None] | None = None,
+def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Tokenizer, out_dir: str | Path,
+                 options: ExportOptions, *, overwrite: bool = False, on_stage: Callable[[str], None] | None = None,
                  source: dict | None = None) -> dict:
     """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest.
 
+    `model` may be a function that loads a fresh model on each call: the exporter then holds the
+    torch weights only while a stage needs them (the ONNX quantizers work from disk, the ExecuTorch
+    stage quantizes its copy in place), which is what large sizes need to fit in memory.
     `source` says where the weights came from (`{"checkpoint": DIR}` or `{"random_init": True,
     "seed": S}`), so that a benchmark can rebuild the PyTorch reference."""
+    fresh = not isinstance(model, SphinxModel)
+    load = model if fresh else (lambda: model)
     out_dir = Path(out_dir)
     for fmt in options.formats:
         if fmt not in FORMATS:
             raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    check_target(out_dir, model.config.name, overwrite)
+    if "onnx" in options.formats:
+        from sphinx_edge.export.onnx import check_quants
+
+        check_quants(options.quant, options.vision, options.embedding_quant)
+    say = on_stage or (lambda s: None)
+    say("load the model")
+    current: SphinxModel | None = load()
+    config = current.config
+    check_target(out_dir, config.name, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    say = on_stage or (lambda s: None)
     started = time.perf_counter()
     try:
         graphs: dict[str, dict] = {}
         shutil.copyfile(tokenizer.path, stage / "tokenizer.model")
         if "onnx" in options.formats:
-            from sphinx_edge.export.onnx import export_onnx, graph_io
+            from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
-            files = export_onnx(model, stage, quant=options.quant, vision_quant=options.vision,
-                                embedding_quant=options.embedding_quant, block_size=options.group_size,
-                                accuracy_level=options.accuracy_level, on_stage=say)
+            fp32 = write_graphs(current, stage / ".fp32", on_stage=say)
+            current = None  # the quantizers read the graphs from disk: let a loaded model go
+            gc.collect()
+            files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
+                                    embedding_quant=options.embedding_quant, block_size=options.group_size,
+                                    accuracy_level=options.accuracy_level, on_stage=say)
+            shutil.rmtree(stage / ".fp32")
             graphs["onnx"] = {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
         if "pte" in options.formats:
             from sphinx_edge.export.executorch import export_pte
 
-            graphs["pte"] = export_pte(model, stage, quant=options.quant, group_size=options.group_size,
+            current = current if current is not None else load()
+            graphs["pte"] = export_pte(current, stage, quant=options.quant, group_size=options.group_size,
                                        vision_quant=options.vision, embedding_quant=options.embedding_quant,
-                                       tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}, on_stage=say)
+                                       tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
+                                       on_stage=say, in_place=fresh)
+            current = None  # quantized in place when fresh: no longer the fp32 model
+        gc.collect()
         manifest = {
             "format_version": FORMAT_VERSION,
-            "model": {"name": model.config.name, "paper_name": model.config.paper_name,
-                      "config": model.config.to_dict()},
+            "model": {"name": config.name, "paper_name": config.paper_name, "config": config.to_dict()},
             "source": source or {},
-            "layout": model.config.layout,
+            "layout": config.layout,
             "quantization": {"quant": options.quant, "group_size": options.group_size,
                              "accuracy_level": options.accuracy_level,
                              "vision": options.vision,
@@ -126,6 +146,7 @@ def export_model(model: SphinxModel, tokenizer: Tokenizer, out_dir: str | Path, 
         if options.verify:
             from sphinx_edge.export.verify import nano_accuracy, verify_export
 
+            model = current if current is not None else load()
             verification = {}
             for fmt in graphs:
                 say(f"verify {fmt}")

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -168,46 +169,49 @@ def graph_io(path: Path) -> dict:
     return {"inputs": spec(proto.graph.input), "outputs": spec(proto.graph.output)}
 
 
-def export_onnx(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", vision_quant: str = "fp32",
-                embedding_quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
-                on_stage=None) -> dict[str, list[Path]]:
-    """Writes `vision_encoder.onnx`, `token_embedding.onnx` and `decoder.onnx` (+ data) into `out_dir`.
-
-    `vision_quant` is fp32, fp16 or int8 (`ExportOptions.vision` picks the default); `embedding_quant`
-    ("fp32" or "int8") stores the embedding table in 8 bits. `on_stage(name)` is
-    called before each stage (for progress bars). Returns {graph: files written}.
-    """
+def check_quants(quant: str, vision_quant: str, embedding_quant: str) -> None:
+    """Raises ValueError for a quantization the ONNX graphs do not offer (before any work is done)."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     if vision_quant not in VISION_QUANTS:
         raise ValueError(f"the vision encoder is quantized to int8 at most; got {vision_quant!r}")
     if embedding_quant not in ("fp32", "int8"):
         raise ValueError(f"the embedding table is fp32 or int8; got {embedding_quant!r}")
-    out_dir = Path(out_dir)
-    scratch = out_dir / ".scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
-    builders = {"vision_encoder": (vision_encoder_graph, vision_quant),
-                "token_embedding": (token_embedding_graph, embedding_quant),
-                "decoder": (decoder_graph, quant)}
+
+
+GRAPHS = {"vision_encoder": vision_encoder_graph, "token_embedding": token_embedding_graph, "decoder": decoder_graph}
+
+
+def write_graphs(model: SphinxModel, out_dir: Path, on_stage=None) -> dict[str, Path]:
+    """The three fp32 graphs in `out_dir`; {graph: .onnx path} (each with its `.onnx.data`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, build in GRAPHS.items():
+        if on_stage:
+            on_stage(f"onnx {name}")
+        build(model, out_dir / f"{name}.onnx")
+        paths[name] = out_dir / f"{name}.onnx"
+    return paths
+
+
+def quantize_graphs(fp32: dict[str, Path], out_dir: Path, *, quant: str = "fp32", vision_quant: str = "fp32",
+                    embedding_quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
+                    on_stage=None) -> dict[str, list[Path]]:
+    """Each fp32 graph of `write_graphs`, quantized as its component wants, into `out_dir`
+    (fp32 graphs are moved); {graph: files written}. Works from disk: no torch weights needed."""
+    check_quants(quant, vision_quant, embedding_quant)
+    wanted = {"vision_encoder": vision_quant, "token_embedding": embedding_quant, "decoder": quant}
     files = {}
-    try:
-        for name, (build, q) in builders.items():
-            if on_stage:
-                on_stage(f"onnx {name}")
-            final = out_dir / f"{name}.onnx"
-            if q == "fp32":
-                build(model, final)
-                files[name] = [f for f in (final, _data_file(final)) if f.exists()]
-                continue
-            fp32 = scratch / f"{name}.onnx"
-            build(model, fp32)
-            if on_stage:
-                on_stage(f"onnx {name}: {q}")
-            files[name] = quantize_file(fp32, q, final, block_size=block_size, accuracy_level=accuracy_level)
-            for f in scratch.iterdir():
-                f.unlink()
-    finally:
-        for f in scratch.iterdir():
-            f.unlink()
-        scratch.rmdir()
+    for name, src in fp32.items():
+        dst, q = out_dir / src.name, wanted[name]
+        if q == "fp32":
+            files[name] = [src.replace(dst)]
+            if _data_file(src).exists():
+                files[name].append(_data_file(src).replace(_data_file(dst)))
+            continue
+        if on_stage:
+            on_stage(f"onnx {name}: {q}")
+        files[name] = quantize_file(src, q, dst, block_size=block_size, accuracy_level=accuracy_level)
+        src.unlink()
+        _data_file(src).unlink(missing_ok=True)
     return files

@@ -323,14 +323,21 @@ def export_cmd(
         if random_init:
             from sphinx_edge.model.sphinx import build_model
 
-            model = build_model(get_config(size), seed=0).eval()
+            def reload():
+                return build_model(get_config(size), seed=0).eval()
+
+            model = reload()
             tok_file = tokenizer or _stand_in_tokenizer(model.config.llm.vocab_size, Path(tmp))
             source = {"random_init": True, "seed": 0}
         else:
             from sphinx_edge.checkpoints import tokenizer_path
 
             checkpoint = checkpoint or bundled
-            model = _load(checkpoint, size)
+
+            def reload():
+                return _load(checkpoint, size)
+
+            model = reload()
             tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
             source = {"checkpoint": str(Path(checkpoint).resolve())}
         try:
@@ -346,7 +353,12 @@ def export_cmd(
                       transient=True) as bar:
             task = bar.add_task("starting", total=None)
             try:
-                manifest = export_model(model, tok, out, options, overwrite=overwrite, source=source,
+                # The exporter loads the model again for each stage that needs it, so that large sizes
+                # never hold two copies of the weights; the first stage gets the one loaded here.
+                loaded = [model]
+                del model
+                manifest = export_model(lambda: loaded.pop() if loaded else reload(), tok, out, options,
+                                        overwrite=overwrite, source=source,
                                         on_stage=lambda s: bar.update(task, description=s))
             except (ExportError, ValueError) as e:
                 fail(str(e))

@@ -36,3 +36,31 @@ def test_vision_method_takes_any_number_of_views(pte_export, n_views):
     with torch.no_grad():
         want = VisionEncoder(model)(pixels).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_export_from_a_loader_frees_and_reloads_the_model(tokenizer_file, tmp_path):
+    """With a loader the exporter loads a fresh model per stage (ONNX graphs, the in-place quantized
+    ExecuTorch program, verification); with a model it leaves that model's weights untouched."""
+    from sphinx_edge.config import get_config
+    from sphinx_edge.export.exporter import ExportOptions, export_model
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.tokenizer import Tokenizer
+
+    calls = []
+
+    def load():
+        calls.append(1)
+        return build_model(get_config("test-tiny"), seed=0).eval()
+
+    tok = Tokenizer(tokenizer_file)
+    manifest = export_model(load, tok, tmp_path / "a", ExportOptions(quant="int4", formats=("onnx", "pte")))
+    assert len(calls) == 3  # onnx graphs, pte (quantized in place), verification against fp32
+    for fmt in ("onnx", "pte"):
+        assert manifest["verification"][fmt]["top1_agreement"] >= 0.8
+        assert manifest["verification"][fmt]["prefill_max_abs_logit_diff"] < 1.0
+
+    model = load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, tok, tmp_path / "b", ExportOptions(quant="int4", formats=("pte",), verify=False))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
