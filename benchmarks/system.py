@@ -35,9 +35,18 @@ def describe() -> dict:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size so far. On Linux from VmHWM: getrusage's ru_maxrss
+    carries the parent's peak across fork + exec, so a small case started by a big process would
+    report the parent's figure."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS reports bytes, Linux KiB
 
 
 def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:

@@ -101,3 +101,18 @@ def test_targets_without_their_hardware_say_so(monkeypatch):
         check_target("apple")
     with pytest.raises(TargetUnavailable, match="unknown target"):
         check_target("watch")
+
+
+def test_peak_rss_is_the_child_process_own(tmp_path):
+    """A small child of a large process reports its own peak, not the parent's."""
+    import subprocess
+    import sys
+
+    from sphinx_edge.benchmarks.system import peak_rss_mib
+
+    ballast = np.ones(200 * 2**20 // 8)  # 200 MiB in this process
+    ballast[::512] = 2.0
+    child = subprocess.run([sys.executable, "-c", "from sphinx_edge.benchmarks.system import peak_rss_mib; "
+                            "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
+    assert peak_rss_mib() > 200
+    assert float(child.stdout) < 150
