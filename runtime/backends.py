@@ -30,6 +30,9 @@ class OnnxBackend:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle intra-op threads spin by default; between graph calls they then steal the cores from
+        # our own numpy work (image preprocessing tripled on 2 cores; benchmarks/RESULTS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name: str):
             return ort.InferenceSession(str(export_dir / files[name][0]), options, providers=["CPUExecutionProvider"])
