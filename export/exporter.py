@@ -7,6 +7,7 @@ target that holds another export (or anything else) is refused unless `overwrite
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import platform
@@ -57,6 +58,17 @@ def _tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS: glibc keeps freed mid-size
+    blocks (weights under its 32 MB mmap threshold) in the heap, so without the trim a dropped
+    model would still count in the process's memory while the next stage loads its graphs."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
@@ -111,7 +123,7 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
 
             fp32 = write_graphs(current, stage / ".fp32", on_stage=say)
             current = None  # the quantizers read the graphs from disk: let a loaded model go
-            gc.collect()
+            release_memory()
             files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
                                     embedding_quant=options.embedding_quant, block_size=options.group_size,
                                     accuracy_level=options.accuracy_level, on_stage=say)
@@ -126,7 +138,7 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
                                        tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
                                        on_stage=say, in_place=fresh)
             current = None  # quantized in place when fresh: no longer the fp32 model
-        gc.collect()
+        release_memory()
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": {"name": config.name, "paper_name": config.paper_name, "config": config.to_dict()},
