@@ -83,7 +83,7 @@ def decode_weight_bytes(config: SphinxConfig, quant: str, group_size: int = 32) 
     return linear * per_weight
 
 
-def run_case(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
+def run_in_subprocess(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
     case = {"export_dir": str(export_dir), "backend": backend, "images": [str(p) for p in spec.images],
             "layouts": spec.layouts, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
             "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
@@ -116,7 +116,7 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
                 on_case(f"{backend} {manifest['quantization']['quant'] if backend != 'torch' else 'fp32'} "
                         f"({export_dir.name})")
             try:
-                result = run_case(spec, export_dir, backend)
+                result = run_in_subprocess(spec, export_dir, backend)
             except CaseFailed as e:
                 skipped.append({"export_dir": str(export_dir), "backend": backend, "why": str(e)})
                 continue

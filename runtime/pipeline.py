@@ -50,7 +50,8 @@ class Pipeline:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
-        files = graph_files(self.manifest, backend) if isinstance(backend, str) else {}
+        named = isinstance(backend, str)
+        files = graph_files(self.manifest, backend) if named else {}
         tokenizer = self.manifest.get("tokenizer")
         if not tokenizer:
             raise ManifestError(f"{self.export_dir} carries no tokenizer")
@@ -60,7 +61,7 @@ class Pipeline:
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{self.export_dir}: the manifest's model config is invalid: {e}") from e
         self.tokenizer = Tokenizer(self.export_dir / tokenizer)
-        self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads) if files else backend
+        self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads) if named else backend
 
     # -- pieces -----------------------------------------------------------------------------
 

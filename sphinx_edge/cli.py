@@ -169,7 +169,7 @@ def chat(
         except (ManifestError, ValueError) as e:
             fail(str(e))
 
-        def ask(q: str) -> str:
+        def ask(q: str) -> None:
             start = time.perf_counter()
             try:
                 out = conversation.ask(q, **stream)
@@ -179,7 +179,6 @@ def chat(
             console.print(f"[dim]{out.prompt_len} tokens in context ({out.image_tokens} image), {out.prefilled} "
                           f"prefilled, {len(out.token_ids)} generated, stop: {out.stop_reason}, "
                           f"{time.perf_counter() - start:.2f} s[/]")
-            return out.text
         overflow: tuple[type[Exception], ...] = (ContextOverflowError,)
     else:
         from sphinx_edge.generate import PromptTooLongError, generate as run
@@ -187,7 +186,7 @@ def chat(
         model, tok = _model_and_tokenizer(checkpoint, size)
         turns: list[tuple[str, Optional[str]]] = []
 
-        def ask(q: str) -> str:
+        def ask(q: str) -> None:
             start = time.perf_counter()
             try:
                 out = run(model, tok, turns + [(q, None)], image, **stream)
@@ -197,7 +196,6 @@ def chat(
             console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
                           f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
             turns.append((q, out.text.strip()))
-            return out.text
         overflow = (PromptTooLongError,)
 
     while True:
@@ -323,29 +321,28 @@ def export_cmd(
         if random_init:
             from sphinx_edge.model.sphinx import build_model
 
-            def reload():
+            def load():
                 return build_model(get_config(size), seed=0).eval()
 
-            model = reload()
-            tok_file = tokenizer or _stand_in_tokenizer(model.config.llm.vocab_size, Path(tmp))
+            tok_file = tokenizer or _stand_in_tokenizer(get_config(size).llm.vocab_size, Path(tmp))
             source = {"random_init": True, "seed": 0}
         else:
             from sphinx_edge.checkpoints import tokenizer_path
 
             checkpoint = checkpoint or bundled
 
-            def reload():
-                return _load(checkpoint, size)
+            def load():
+                return _load(checkpoint, size)  # refuses a checkpoint of another size: its config is --size's
 
-            model = reload()
             tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
             source = {"checkpoint": str(Path(checkpoint).resolve())}
         try:
             tok = Tokenizer(tok_file)
         except TokenizerError as e:
             fail(str(e))
-        if tok.vocab_size > model.config.llm.vocab_size:
-            fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {model.config.llm.vocab_size}")
+        vocab_size = get_config(size).llm.vocab_size
+        if tok.vocab_size > vocab_size:
+            fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {vocab_size}")
         options = ExportOptions(quant=quant, formats=formats, vision_quant=vision_quant, embedding_quant=embedding_quant,
                                 group_size=group_size, verify=verify, eval_samples=eval_samples)
         started = time.perf_counter()
@@ -353,12 +350,9 @@ def export_cmd(
                       transient=True) as bar:
             task = bar.add_task("starting", total=None)
             try:
-                # The exporter loads the model again for each stage that needs it, so that large sizes
-                # never hold two copies of the weights; the first stage gets the one loaded here.
-                loaded = [model]
-                del model
-                manifest = export_model(lambda: loaded.pop() if loaded else reload(), tok, out, options,
-                                        overwrite=overwrite, source=source,
+                # A loader, not a model: the exporter loads the weights for each stage that needs them,
+                # so that large sizes never hold two copies.
+                manifest = export_model(load, tok, out, options, overwrite=overwrite, source=source,
                                         on_stage=lambda s: bar.update(task, description=s))
             except (ExportError, ValueError) as e:
                 fail(str(e))
