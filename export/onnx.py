@@ -2,10 +2,12 @@
 
 Graphs come from `torch.onnx.export(dynamo=True)` at opset 18 with dynamic views, sequence and
 past lengths, saved straight to disk; quantization then works file to file. Weights go to one
-external-data file per graph (`<graph>.onnx.data`), so no graph hits protobuf's 2 GB limit. Quantization is onnxruntime's own:
+external-data file per graph (`<graph>.onnx.data`), so no graph hits protobuf's 2 GB limit. Quantization:
 
 * int4: `MatMulNBitsQuantizer` (symmetric, block 32, accuracy level 4) on the decoder's MatMuls;
-* int8: `quantize_dynamic` (per-channel int8 weights, dynamic uint8 activations) on MatMuls;
+* int8: per-channel int8 weights and dynamic uint8 activations on MatMuls, the pattern of
+  `quantize_dynamic`, written by our streaming quantizer (onnx_int8.py: onnxruntime's holds
+  several copies of a multi-GB graph); embedding tables through `quantize_dynamic` itself;
 * fp16: `convert_float_to_float16` with fp32 graph inputs and outputs.
 
 The vision encoder is quantized to int8 at most (`vision_quant`); its convolutions stay fp32
@@ -28,6 +30,7 @@ import torch
 from torch.export import Dim
 
 from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder, decoder_io_names
+from sphinx_edge.export.onnx_int8 import matmul_weights, quantize_matmuls_int8
 from sphinx_edge.model.sphinx import SphinxModel
 
 OPSET = 18
@@ -124,14 +127,16 @@ def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, acc
                                              accuracy_level=accuracy_level)
             quantizer.process()
         proto = quantizer.model.model
-    elif quant == "int8":
+    elif quant == "int8" and matmul_weights(onnx.load(src, load_external_data=False).graph):
+        return quantize_matmuls_int8(src, dst)  # streamed: no copy of the graph's weights in memory
+    elif quant == "int8":  # embedding tables (Gather)
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         tmp = dst.with_name(f".{dst.name}.int8.onnx")
         try:
             with quiet():
                 quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
+                                 op_types_to_quantize=["Gather"], use_external_data_format=True)
             proto = onnx.load(tmp)
         finally:
             for f in tmp.parent.glob(f"{tmp.name}*"):

@@ -544,13 +544,14 @@ def data_synth(
     seed: int = 0,
     extra_questions: Annotated[bool, typer.Option(
         help="Training records also ask every other fact of their image (held-out ones ask one question).")] = True,
+    workers: Annotated[int, typer.Option(help="Processes drawing images (the output is the same for any number).")] = 1,
 ) -> None:
     """Generate the synthetic multi-domain VQA set (colour, count, shape, text, position)."""
     from sphinx_edge.train.synthetic import generate as synth
 
     with console.status(f"writing {train_n} + {test_n} images to {out}"):
-        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions)
-        synth(out, test_n, seed=seed + 1, split="test")
+        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers)
+        synth(out, test_n, seed=seed + 1, split="test", workers=workers)
     console.print(f"wrote {out / 'train.json'} and {out / 'test.json'}")
 
 

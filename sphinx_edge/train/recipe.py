@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from sphinx_edge.config import get_config
 from sphinx_edge.io import write_text_atomic
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
+from sphinx_edge.train.flops import model_flops_per_token, peak_flops
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
+    num_workers: int = 4  # processes that load and tile images ahead of the step (0: in the training process)
     stop_after: int | None = None  # end this run at that step (time-boxed jobs); resume later
 
     @classmethod
@@ -120,9 +123,12 @@ class Trainee(nn.Module):
         return batch_loss(self.model, examples, self.model.start_img.device, self.frozen_encoders)
 
 
-def shard_model(trainee: Trainee, world_size: int) -> None:
-    """FSDP2: one shard group per LLM block, per encoder, then the root (projector, special tokens)."""
-    if world_size == 1:
+def shard_model(trainee: Trainee) -> None:
+    """FSDP2: one shard group per LLM block, per encoder, then the root (projector, special tokens).
+
+    Any torchrun launch shards, one GPU included (the same code path as a cluster's); a plain
+    `python -m` run does not."""
+    if not dist.is_initialized():
         return
     from torch.distributed.fsdp import fully_shard
 
@@ -166,6 +172,35 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- Data loading -------------------------------------------------------------------------------
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of a run is the mixture's batch `first + k`: a pure function, so workers may build them."""
+
+    def __init__(self, mixture: Mixture, first: int, count: int) -> None:
+        self.mixture, self.first, self.count = mixture, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> list[Example]:
+        return self.mixture.batch(self.first + k)
+
+
+def _as_is(batch: list[Example]) -> list[Example]:
+    return batch
+
+
+def micro_batches(mixture: Mixture, first: int, count: int, workers: int) -> Iterator[list[Example]]:
+    """Micro-batches first, first + 1, ... in order; `workers` processes decode and tile images ahead."""
+    if workers == 0:
+        return (mixture.batch(first + k) for k in range(count))
+    loader = torch.utils.data.DataLoader(_MicroBatches(mixture, first, count), batch_size=None, collate_fn=_as_is,
+                                         num_workers=workers, prefetch_factor=4)
+    return iter(loader)
 
 
 # --- One step ------------------------------------------------------------------------------------
@@ -285,7 +320,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 for d in cfg.data]
     mixture = Mixture(datasets, [d.weight for d in cfg.data], cfg.batch_size, cfg.seed, rank, world)
     trainee = Trainee(model, cfg.freeze_encoders)
-    shard_model(trainee, world)
+    shard_model(trainee)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = load_checkpoint(trainee, optimizer, scheduler, cfg)
@@ -298,12 +333,17 @@ def train(cfg: TrainConfig) -> list[float]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     losses, t_start = [], time.perf_counter()
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    batches = micro_batches(mixture, start * cfg.grad_accum, (end - start) * cfg.grad_accum, cfg.num_workers)
+    flops_per_token, peak = None, peak_flops(device, cfg.dtype)
     for step in range(start, end):
         t0 = time.perf_counter()
         step_loss, step_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
+            examples = next(batches)
+            if flops_per_token is None:  # counted once, on the first micro-batch, by a no-grad forward
+                flops_per_token = count_flops(trainee, examples, cfg, autocast, rank)
             with autocast:
-                loss, n = trainee(mixture.batch(step * cfg.grad_accum + micro))
+                loss, n = trainee(examples)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += n
@@ -319,14 +359,19 @@ def train(cfg: TrainConfig) -> list[float]:
         dt = time.perf_counter() - t0
         if rank == 0:
             rec = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_s": step_tokens * world / dt, "step_s": dt}
+                   "tokens_per_s": step_tokens * world / dt, "tokens_per_s_per_device": step_tokens / dt, "step_s": dt,
+                   "model_flops_per_token": flops_per_token,
+                   "model_tflops_per_s_per_device": flops_per_token * step_tokens / dt / 1e12}
+            if peak and flops_per_token:
+                rec["mfu"] = flops_per_token * step_tokens / dt / peak
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1)
                 print(f"step {step + 1}/{cfg.steps}  loss {step_loss:.4f}  lr {rec['lr']:.2e}  "
-                      f"{rec['tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min", flush=True)
+                      f"{rec['tokens_per_s']:.0f} tok/s" + (f"  MFU {rec['mfu']:.1%}" if "mfu" in rec else "") +
+                      f"  eta {eta / 60:.1f} min", flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save_checkpoint(trainee, optimizer, scheduler, step + 1, cfg, rank)
     if metrics:
@@ -336,6 +381,19 @@ def train(cfg: TrainConfig) -> list[float]:
     if dist.is_initialized():
         dist.destroy_process_group()
     return losses
+
+
+def count_flops(trainee: Trainee, examples: list[Example], cfg: TrainConfig, autocast, rank: int) -> float:
+    """Model FLOPs per sequence position (see flops.py); 0.0, with a warning, where they cannot be counted."""
+    model = trainee.model
+    frozen = (model.convnext, model.dinov2) if cfg.freeze_encoders else ()
+    try:
+        with autocast:
+            return model_flops_per_token(trainee, examples, frozen)
+    except Exception as e:  # MFU is a report, not a reason to stop training
+        if rank == 0:
+            print(f"warning: model FLOPs not counted, so no MFU: {e}", flush=True)
+        return 0.0
 
 
 def export_final(trainee: Trainee, cfg: TrainConfig, rank: int) -> None:

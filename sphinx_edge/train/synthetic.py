@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import tempfile
@@ -328,29 +329,41 @@ def make_sample(domain: str, aspect: str, rng: random.Random) -> tuple[Image.Ima
     return img, qa
 
 
-def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_questions: bool = False) -> Path:
+def _write_sample(job: tuple) -> dict:
+    """Draws sample i (its own rng: the result does not depend on which process draws it), saves its
+    image and returns its record."""
+    out_dir, seed, split, i, domain, aspect, extra_questions = job
+    img, qa = make_sample(domain, aspect, _rng(seed, split, i))
+    name = f"images/{split}_{i:06d}.png"
+    img.save(out_dir / name, format="PNG")
+    if not extra_questions:
+        qa = qa[:1]
+    conversations = []
+    for turn, (question, answer) in enumerate(qa):
+        prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
+        conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    return {"id": f"{split}_{i:06d}", "image": name, "domain": domain, "aspect": aspect,
+            "conversations": conversations}
+
+
+def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_questions: bool = False,
+             workers: int = 1) -> Path:
     """Write ``n`` samples to ``out_dir/images/{split}_{i:06d}.png`` and ``out_dir/{split}.json``.
 
     The json is a LLaVA conversation list; each record also carries ``domain`` and ``aspect``
     (``"w:h"``). With ``extra_questions`` a record's conversation goes on, after its domain's own
     question, with every other question its image answers (the images are the same either way).
-    Deterministic: the same (seed, split, n, extra_questions) gives the same bytes. Returns the
-    json path."""
+    Deterministic: the same (seed, split, n, extra_questions) gives the same bytes, with any number
+    of worker processes. Returns the json path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (domain, aspect) in enumerate(_plan(n, seed, split)):
-        img, qa = make_sample(domain, aspect, _rng(seed, split, i))
-        name = f"images/{split}_{i:06d}.png"
-        img.save(out_dir / name, format="PNG")
-        if not extra_questions:
-            qa = qa[:1]
-        conversations = []
-        for turn, (question, answer) in enumerate(qa):
-            prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
-            conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-        records.append({"id": f"{split}_{i:06d}", "image": name, "domain": domain, "aspect": aspect,
-                        "conversations": conversations})
+    jobs = [(out_dir, seed, split, i, domain, aspect, extra_questions)
+            for i, (domain, aspect) in enumerate(_plan(n, seed, split))]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            records = pool.map(_write_sample, jobs, chunksize=64)
+    else:
+        records = [_write_sample(job) for job in jobs]
     path = out_dir / f"{split}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.", suffix=".json.tmp")
     try:

@@ -48,9 +48,11 @@ def metrics(run_dir: Path) -> list[float]:
 
 
 def test_single_process_training_lowers_the_loss_and_exports(tmp_path, tokenizer_file):
-    losses = train(TrainConfig.load(write_recipe(tmp_path, tokenizer_file, steps=12, grad_accum=2)))
+    losses = train(TrainConfig.load(write_recipe(tmp_path, tokenizer_file, steps=12, grad_accum=2, num_workers=0)))
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["model_flops_per_token"] > 0 and "mfu" not in records[0]  # no known peak on a CPU
     from sphinx_edge.checkpoints import load_model
 
     model = load_model(tmp_path / "run" / "model")  # the final weights, in our format
@@ -69,15 +71,18 @@ def torchrun(recipe: Path, *overrides: str) -> None:
 
 
 def test_two_process_fsdp_resume_matches_uninterrupted_run(tmp_path, tokenizer_file):
+    """Also: batches loaded by worker processes are the ones the training process would build."""
     recipe = write_recipe(tmp_path, tokenizer_file, steps=6, activation_checkpointing=True)
-    torchrun(recipe, f"out_dir={tmp_path / 'straight'}")
+    torchrun(recipe, f"out_dir={tmp_path / 'straight'}", "num_workers=2")
     straight = metrics(tmp_path / "straight")
     assert len(straight) == 6 and straight[-1] < straight[0]
+    first = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["model_flops_per_token"] > 0  # frozen encoders found under FSDP's wrapping
 
-    torchrun(recipe, f"out_dir={tmp_path / 'resumed'}", "stop_after=3")
+    torchrun(recipe, f"out_dir={tmp_path / 'resumed'}", "stop_after=3", "num_workers=0")
     assert len(metrics(tmp_path / "resumed")) == 3
     assert not (tmp_path / "resumed" / "model").exists()  # not finished: no final export
-    torchrun(recipe, f"out_dir={tmp_path / 'resumed'}")
+    torchrun(recipe, f"out_dir={tmp_path / 'resumed'}", "num_workers=1")
     resumed = metrics(tmp_path / "resumed")
     assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
     assert (tmp_path / "resumed" / "model" / "model.safetensors").exists()
