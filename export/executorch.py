@@ -28,6 +28,7 @@ from sphinx_edge.model.sphinx import SphinxModel
 
 PTE_QUANTS = ("fp32", "int8", "int4")
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+BACKENDS = ("xnnpack", "coreml")
 
 
 def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
@@ -40,6 +41,19 @@ def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
                                                    weight_granularity=granularity)
     with quiet():
         quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+
+
+def _quantize_linear_weights(module: nn.Module, bits: int, group_size: int) -> None:
+    """Weight-only int4 (per group) / int8 (per channel): the form Core ML folds into its
+    constexpr dequantization ops; it has no dynamic activation quantization."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    granularity = PerGroup(group_size) if bits == 4 else PerAxis(0)
+    with quiet():
+        quantize_(module, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=granularity),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
 
 
 def _quantize_embedding(module: nn.Module) -> None:
@@ -75,17 +89,19 @@ def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = 
 
 
 def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
-                    embedding_quant: str, in_place: bool = False) -> dict[str, torch.export.ExportedProgram]:
+                    embedding_quant: str, in_place: bool = False,
+                    backend: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
     """The three methods as ExportedPrograms. Quantization works on a copy of `model`, or on
     `model` itself when `in_place` (no second copy of a large model's weights)."""
     cfg = model.config
     model = (model if in_place else copy.deepcopy(model)).eval()
-    if quant in ("int8", "int4"):
+    if quant in ("int8", "int4"):  # the decoder is lowered to XNNPACK with either backend
         _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
         _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
     if vision_quant == "int8":
+        quantize = _quantize_linears if backend == "xnnpack" else _quantize_linear_weights
         for part in (model.convnext, model.dinov2, model.visual_proj):
-            _quantize_linears(part, 8, group_size)
+            quantize(part, 8, group_size)
     embedding = TokenEmbedding(model)
     if embedding_quant == "int8":
         _quantize_embedding(embedding)
@@ -105,29 +121,63 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     return programs
 
 
+def _partitioners(backend: str) -> dict[str, list]:
+    """The delegate of the vision encoder and of the text decoder (the embedding lookup stays portable).
+
+    With coreml only the vision encoder goes to Core ML: coremltools 9 cannot convert the
+    decoder's KV-cache writes (`index_copy_` at a vector of positions), and skipping those ops
+    leaves partitions whose inputs are symbolic sizes, which it cannot take either. The decoder
+    stays on XNNPACK, the CPU path of the xnnpack backend."""
+    return {"vision_encoder": [_partitioner(backend)], "text_decoder": [_partitioner("xnnpack")]}
+
+
+def _partitioner(backend: str):
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return XnnpackPartitioner()
+    # Core ML: an .mlpackage per delegated graph, compiled on the Apple device when first loaded
+    # (compiling it here needs macOS). fp16 compute for the Neural Engine; iOS 18 / macOS 15.
+    import coremltools as ct
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+    from executorch.backends.apple.coreml.compiler.coreml_preprocess import MULTIMETHOD_WEIGHT_SHARING_STRATEGY
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+    specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS18,
+                                                 compute_precision=ct.precision.FLOAT16,
+                                                 model_type=CoreMLBackend.MODEL_TYPE.MODEL)
+    # The methods share no weights; each is converted on its own.
+    specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
+        MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
+    return CoreMLPartitioner(compile_specs=specs)
+
+
 def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
                vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
-               on_stage=None, in_place: bool = False) -> dict:
+               on_stage=None, in_place: bool = False, backend: str = "xnnpack") -> dict:
     """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. With `in_place`
-    the model's own linears are quantized (the caller no longer needs its fp32 weights)."""
+    the model's own linears are quantized (the caller no longer needs its fp32 weights).
+    `backend`: xnnpack (CPU, any platform) or coreml (the vision encoder on Apple's Core ML, with
+    weight-only int8; the decoder on XNNPACK, see `_partitioners`)."""
     if quant not in PTE_QUANTS:
         raise ValueError(f"the pte format supports --quant {', '.join(PTE_QUANTS)}; got {quant!r} "
                          "(XNNPACK's fp16 kernels target ARM; use the onnx format for fp16)")
     if vision_quant not in ("fp32", "int8"):
         raise ValueError(f"the pte vision encoder is fp32 or int8; got {vision_quant!r}")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown pte backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     if on_stage:
         on_stage("pte export")
-    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, in_place)
+    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, in_place, backend)
     if on_stage:
-        on_stage("pte lower (XNNPACK)")
+        on_stage(f"pte lower ({backend})")
     with quiet():
         edge = to_edge_transform_and_lower(
             programs,
-            partitioner={name: [XnnpackPartitioner()] for name in ("vision_encoder", "text_decoder")},
+            partitioner=_partitioners(backend),
             constant_methods=constant_methods(model, tokenizer_ids),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
@@ -136,5 +186,5 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
     path = Path(out_dir) / "program.pte"
     with atomic_path(path) as tmp:
         tmp.write_bytes(program.buffer)
-    return {"program": {"files": [path.name], "methods": list(METHODS),
+    return {"program": {"files": [path.name], "methods": list(METHODS), "backend": backend,
                         "constant_methods": sorted(constant_methods(model, tokenizer_ids))}}

@@ -24,6 +24,8 @@ from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError
 from sphinx_edge.tokenizer import Tokenizer
 
 FORMATS = ("onnx", "pte")
+COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
+               "(ExecuTorch's Core ML runtime); check it there with `sphinx-edge run`")
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "sphinx_edge" / "assets" / "wide_2x1.png"
 
 
@@ -41,6 +43,7 @@ class ExportOptions:
     accuracy_level: int = 4  # onnxruntime MatMulNBits compute type on CPU
     verify: bool = True
     eval_samples: int = 0  # held-out synthetic questions to score (SPHINX-Nano)
+    pte_backend: str = "xnnpack"  # or coreml: the vision encoder on Core ML (see executorch.py)
 
     @property
     def vision(self) -> str:
@@ -128,6 +131,7 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
                                     embedding_quant=options.embedding_quant, block_size=options.group_size,
                                     accuracy_level=options.accuracy_level, on_stage=say)
             shutil.rmtree(stage / ".fp32")
+            release_memory()  # the int4 quantizer's in-memory graph, before the next stage loads a model
             graphs["onnx"] = {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
         if "pte" in options.formats:
             from sphinx_edge.export.executorch import export_pte
@@ -136,7 +140,7 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
             graphs["pte"] = export_pte(current, stage, quant=options.quant, group_size=options.group_size,
                                        vision_quant=options.vision, embedding_quant=options.embedding_quant,
                                        tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
-                                       on_stage=say, in_place=fresh)
+                                       on_stage=say, in_place=fresh, backend=options.pte_backend)
             current = None  # quantized in place when fresh: no longer the fp32 model
         release_memory()
         manifest = {
@@ -160,12 +164,15 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
 
             model = current if current is not None else load()
             verification = {}
-            for fmt in graphs:
+            runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.pte_backend == "coreml")]
+            if len(runnable) < len(graphs):
+                verification["pte"] = {"skipped": COREML_HERE}
+            for fmt in runnable:
                 say(f"verify {fmt}")
                 verification[fmt] = verify_export(model, tokenizer, stage, fmt, options.quant, SAMPLE_IMAGE)
-            if options.eval_samples:
+            if options.eval_samples and runnable:
                 say(f"evaluate {options.eval_samples} held-out questions")
-                verification["accuracy"] = nano_accuracy(model, tokenizer, stage, list(graphs), options.eval_samples)
+                verification["accuracy"] = nano_accuracy(model, tokenizer, stage, runnable, options.eval_samples)
             manifest["verification"] = verification
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,4 +79,8 @@ def graph_files(manifest: dict[str, Any], fmt: str) -> dict[str, list[str]]:
     if not graphs:
         have = ", ".join(manifest["graphs"]) or "none"
         raise ManifestError(f"this export has no {fmt} graphs (it has: {have}); export with --format {fmt}")
+    backend = graphs.get("program", {}).get("backend", "xnnpack")
+    if backend == "coreml" and sys.platform != "darwin":
+        raise ManifestError("this export's vision encoder is a Core ML delegate, which runs on Apple devices only; "
+                            "run it there, or export with --backend xnnpack to run it here")
     return {name: g["files"] for name, g in graphs.items()}

@@ -282,6 +282,9 @@ def export_cmd(
     eval_samples: Annotated[int, typer.Option("--eval", help="Also score N held-out synthetic questions "
                                               "(torch vs export; meaningful for nano).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
+    backend: Annotated[str, typer.Option(help="pte lowering: xnnpack (CPU, any device) or coreml (the vision "
+                                         "encoder on Apple's Core ML, compiled on the device; the decoder on "
+                                         "XNNPACK). Core ML exports cannot be run or verified off Apple devices.")] = "xnnpack",
 ) -> None:
     """Export a SPHINX model to ONNX and/or ExecuTorch graphs with a dynamic tile count, quantized.
 
@@ -302,6 +305,10 @@ def export_cmd(
         fail(f"unknown quantization {quant!r}; choose fp32, fp16, int8 or int4")
     if quant == "fp16" and "pte" in formats:
         fail("fp16 is available for --format onnx only (XNNPACK's fp16 kernels target ARM); use fp32, int8 or int4 for pte")
+    if backend not in ("xnnpack", "coreml"):
+        fail(f"unknown --backend {backend!r}; choose xnnpack or coreml")
+    if backend == "coreml" and "pte" not in formats:
+        fail("--backend coreml lowers the ExecuTorch program: add --format pte (or both)")
     bundled = BUNDLED / size
     if checkpoint is None and not random_init and not (bundled / "config.json").exists():
         how = SIZE_WEIGHTS_HELP.get(size, "the released checkpoint of this size (LLaMA2-Accessory format)")
@@ -344,7 +351,7 @@ def export_cmd(
         if tok.vocab_size > vocab_size:
             fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {vocab_size}")
         options = ExportOptions(quant=quant, formats=formats, vision_quant=vision_quant, embedding_quant=embedding_quant,
-                                group_size=group_size, verify=verify, eval_samples=eval_samples)
+                                group_size=group_size, verify=verify, eval_samples=eval_samples, pte_backend=backend)
         started = time.perf_counter()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                       transient=True) as bar:
@@ -374,7 +381,10 @@ def _print_export_summary(out: Path, manifest: dict, seconds: float) -> None:
     for col in ("graphs", "max |logit diff| (prefill)", "top-1 agreement", "result"):
         checks.add_column(col)
     for fmt in ("onnx", "pte"):
-        if fmt in ver:
+        if fmt in ver and "skipped" in ver[fmt]:
+            checks.add_row(fmt, "-", "-", "not run")
+            console.print(f"[yellow]{fmt}:[/] {ver[fmt]['skipped']}")
+        elif fmt in ver:
             v = ver[fmt]
             result = {True: "[green]pass[/]", False: "[red]FAIL[/]"}.get(v.get("passed"), "reported")
             checks.add_row(fmt, f"{v['prefill_max_abs_logit_diff']:.2e}", f"{v['top1_agreement']:.1%} of {v['steps']}", result)

@@ -104,7 +104,7 @@ class DINOv2(nn.Module):
         if h0 * w0 == m * m and height == width:
             return self.pos_embed
         pos = self.pos_embed.float()
-        grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).contiguous()  # Core ML takes contiguous tensors only
         # The hub unpacks `B, nc, w, h = x.shape`, so its "w0"/"sx" is really the height axis and
         # its scale_factor=(sx, sy) is in (H, W) order, as written here.
         offset = self.config.interpolate_offset

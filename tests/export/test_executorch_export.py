@@ -64,3 +64,30 @@ def test_export_from_a_loader_frees_and_reloads_the_model(tokenizer_file, tmp_pa
     export_model(model, tok, tmp_path / "b", ExportOptions(quant="int4", formats=("pte",), verify=False))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_coreml_backend_delegates_the_vision_encoder_and_says_where_it_runs(tokenizer_file, tmp_path):
+    """--backend coreml: the vision method is one Core ML delegate (compiled on the Apple device),
+    the decoder XNNPACK; off Apple devices the export is not run, and says why."""
+    import sys
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from sphinx_edge.config import get_config
+    from sphinx_edge.export.exporter import ExportOptions, export_model
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.runtime.manifest import ManifestError
+    from sphinx_edge.tokenizer import Tokenizer
+
+    model = build_model(get_config("test-tiny"), seed=0).eval()
+    options = ExportOptions(quant="int4", formats=("pte",), pte_backend="coreml")
+    manifest = export_model(model, Tokenizer(tokenizer_file), tmp_path / "c", options)
+    assert manifest["graphs"]["pte"]["program"]["backend"] == "coreml"
+    program = deserialize_pte_binary((tmp_path / "c" / "program.pte").read_bytes())
+    delegates = {plan.name: {d.id for d in plan.delegates} for plan in getattr(program, "program", program).execution_plan}
+    assert delegates["vision_encoder"] == {"CoreMLBackend"}
+    assert delegates["text_decoder"] == {"XnnpackBackend"}
+    if sys.platform != "darwin":
+        assert "Apple devices only" in manifest["verification"]["pte"]["skipped"]
+        with pytest.raises(ManifestError, match="Core ML"):
+            Pipeline(tmp_path / "c", "pte")
