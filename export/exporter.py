@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -90,6 +91,28 @@ def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
     raise ExportError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out")
 
 
+def sweep_stale_stages(out_dir: Path) -> list[Path]:
+    """Removes the staging directories of exports to `out_dir` whose process is gone (killed by
+    the kernel, say, where no `finally` runs); returns what it removed."""
+    removed = []
+    for stage in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
+        pid = stage.name[len(out_dir.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Tokenizer, out_dir: str | Path,
                  options: ExportOptions, *, overwrite: bool = False, on_stage: Callable[[str], None] | None = None,
                  source: dict | None = None) -> dict:
@@ -116,7 +139,8 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
     config = current.config
     check_target(out_dir, config.name, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    sweep_stale_stages(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
     started = time.perf_counter()
     try:
         graphs: dict[str, dict] = {}

@@ -5,6 +5,8 @@
 * quantized graphs: top-1 agreement with the fp32 torch model, teacher-forced along the torch
   model's own greedy continuation (so one early disagreement does not derail the rest), and
   the largest logit difference.
+* every export: the cosine between its image embeddings (the image part of the sequence) and
+  torch's, which isolates the vision encoder's quantization.
 * SPHINX-Nano: exact-match accuracy on held-out synthetic questions, torch and export side by side.
 """
 
@@ -29,9 +31,12 @@ SAMPLE_PROMPT = "What is shown in the image? Describe the shapes and their colou
 
 
 @torch.inference_mode()
-def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: Path) -> tuple[np.ndarray, list[int]]:
-    """The prefill's last logits and the greedy continuation (stop strings and EOS ignored)."""
-    embeds, _ = build_inputs(model, tokenizer, prompt, image)
+def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str,
+                  image: Path) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """The prefill's last logits, the greedy continuation (stop strings and EOS ignored) and the
+    image part of the sequence."""
+    embeds, n_image = build_inputs(model, tokenizer, prompt, image)
+    image_embeds = embeds[0, 1:1 + n_image].float().numpy().copy()  # after BOS
     llm = model.llm
     llm.setup_caches(max_seq_len=embeds.shape[1] + GREEDY_STEPS)
     try:
@@ -42,26 +47,33 @@ def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: 
             logits = llm(llm.tok_embeddings(torch.tensor([[tokens[-1]]])), torch.tensor([embeds.shape[1] + step]))[0, -1]
     finally:
         llm.clear_caches()
-    return first, tokens
+    return first, tokens, image_embeds
 
 
-def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path, tokens: list[int]) -> list[np.ndarray]:
-    """The export's logits at each step when fed `tokens` (the torch model's continuation)."""
+def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path,
+                           tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The export's logits at each step when fed `tokens` (the torch model's continuation), and
+    its image part of the sequence."""
     backend = pipeline.backend
     image_embeds, _ = pipeline.encode_image(image)
     out = [pipeline.prefill(pipeline.tokenizer.encode(prompt, bos=True), image_embeds)]
     for t in tokens[:-1]:
         out.append(backend.forward(backend.embed(np.array([t]))))
-    return out
+    return out, image_embeds
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def verify_export(model: SphinxModel, tokenizer: Tokenizer, export_dir: Path, backend: str, quant: str,
                   image: Path) -> dict:
     """Figures for one backend of an export (the manifest's `verification.<backend>`)."""
     prompt = format_prompt([(SAMPLE_PROMPT, None)])
-    ref_logits, ref_tokens = _torch_greedy(model, tokenizer, prompt, image)
+    ref_logits, ref_tokens, ref_image = _torch_greedy(model, tokenizer, prompt, image)
     pipeline = Pipeline(export_dir, backend)
-    got = _export_teacher_forced(pipeline, prompt, image, ref_tokens)
+    got, got_image = _export_teacher_forced(pipeline, prompt, image, ref_tokens)
     agree = [int(np.argmax(g)) == t for g, t in zip(got, ref_tokens)]
     first_diff = float(np.abs(got[0] - ref_logits).max())
     figures = {
@@ -69,6 +81,7 @@ def verify_export(model: SphinxModel, tokenizer: Tokenizer, export_dir: Path, ba
         "prefill_max_abs_logit_diff": first_diff,
         "top1_agreement": sum(agree) / len(agree),
         "steps": len(agree),
+        "image_embeds_cosine": cosine(got_image, ref_image),  # the vision side alone (int8 vs fp32)
     }
     if quant == "fp32":
         figures["greedy_identical"] = all(agree)

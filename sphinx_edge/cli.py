@@ -378,16 +378,17 @@ def _print_export_summary(out: Path, manifest: dict, seconds: float) -> None:
         console.print("[dim]verification skipped (--no-verify)[/]")
         return
     checks = Table(title="verification against the PyTorch fp32 model")
-    for col in ("graphs", "max |logit diff| (prefill)", "top-1 agreement", "result"):
+    for col in ("graphs", "max |logit diff| (prefill)", "top-1 agreement", "image cosine", "result"):
         checks.add_column(col)
     for fmt in ("onnx", "pte"):
         if fmt in ver and "skipped" in ver[fmt]:
-            checks.add_row(fmt, "-", "-", "not run")
+            checks.add_row(fmt, "-", "-", "-", "not run")
             console.print(f"[yellow]{fmt}:[/] {ver[fmt]['skipped']}")
         elif fmt in ver:
             v = ver[fmt]
             result = {True: "[green]pass[/]", False: "[red]FAIL[/]"}.get(v.get("passed"), "reported")
-            checks.add_row(fmt, f"{v['prefill_max_abs_logit_diff']:.2e}", f"{v['top1_agreement']:.1%} of {v['steps']}", result)
+            checks.add_row(fmt, f"{v['prefill_max_abs_logit_diff']:.2e}", f"{v['top1_agreement']:.1%} of {v['steps']}",
+                           f"{v['image_embeds_cosine']:.5f}" if "image_embeds_cosine" in v else "-", result)
     console.print(checks)
     if "accuracy" in ver:
         acc = ver["accuracy"]

@@ -12,6 +12,7 @@ def test_fp32_program_verifies_against_torch(pte_export):
     _, out, manifest = pte_export
     v = manifest["verification"]["pte"]
     assert v["passed"] and v["greedy_identical"] and v["prefill_max_abs_logit_diff"] <= 1e-3
+    assert v["image_embeds_cosine"] > 0.99999
     entry = manifest["graphs"]["pte"]["program"]
     assert entry["methods"] == ["vision_encoder", "token_embedding", "text_decoder"]
     assert {"get_max_seq_len", "get_vocab_size", "get_bos_id", "get_eos_ids", "get_skip_id"} <= set(entry["constant_methods"])
@@ -58,6 +59,7 @@ def test_export_from_a_loader_frees_and_reloads_the_model(tokenizer_file, tmp_pa
     for fmt in ("onnx", "pte"):
         assert manifest["verification"][fmt]["top1_agreement"] >= 0.8
         assert manifest["verification"][fmt]["prefill_max_abs_logit_diff"] < 1.0
+        assert manifest["verification"][fmt]["image_embeds_cosine"] > 0.99  # int8 vision
 
     model = load()
     before = {k: v.clone() for k, v in model.state_dict().items()}

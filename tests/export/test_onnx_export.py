@@ -1,6 +1,7 @@
 """ONNX export of a small model: parity with torch, dynamic views, skip tokens, quantization, bad inputs."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -150,6 +151,23 @@ def test_interrupted_export_leaves_nothing_that_looks_finished(model_factory, to
         export_model(model_factory("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
                      ExportOptions(verify=False), on_stage=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_exports_staging_directory_is_swept_by_the_next_export(tmp_path):
+    """SIGKILL runs no cleanup: the next export to the same place removes the dead process's stage."""
+    import subprocess
+    import sys
+
+    from sphinx_edge.export.exporter import sweep_stale_stages
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".e.{int(dead.stdout)}.abc123.partial"
+    live = tmp_path / f".e.{os.getpid()}.def456.partial"  # an export running right now
+    other = tmp_path / f".f.{int(dead.stdout)}.abc123.partial"  # another target's
+    for d in (stale, live, other):
+        (d / "x").mkdir(parents=True)
+    assert sweep_stale_stages(tmp_path / "e") == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_tampered_or_missing_files_are_refused(onnx_export, tmp_path):
