@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class BenchSpec:
     repeats: int = 5
     threads: int | None = None
     bandwidth: bool = True
+    peers: list[str] = field(default_factory=list)  # of peers.PEERS, on the exports' LLM shape
+    peers_dir: Path | None = None  # where the peers' models are written and cached
 
 
 def check_target(target: str) -> None:
@@ -96,6 +98,41 @@ def run_in_subprocess(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_peer_in_subprocess(peer: str, config: SphinxConfig, spec: BenchSpec) -> dict:
+    case = {"peer": peer, "llm": asdict(config.llm), "work_dir": str(spec.peers_dir or default_peers_dir()),
+            "pp": spec.pp, "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
+    proc = subprocess.run([sys.executable, "-m", "sphinx_edge.benchmarks.peers", json.dumps(case)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise CaseFailed(f"{peer} failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def default_peers_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sphinx-edge" / "peers"
+
+
+def run_peers(spec: BenchSpec, configs: list[SphinxConfig], on_case: Callable[[str], None] | None = None
+              ) -> tuple[list[dict], list[dict]]:
+    """Each requested peer on each distinct LLM shape among the exports: (results, skipped with why)."""
+    from sphinx_edge.benchmarks.peers import PeerUnavailable, check_peer
+
+    results, skipped, shapes = [], [], {}
+    for config in configs:
+        shapes.setdefault(json.dumps(asdict(config.llm), sort_keys=True), config)
+    for config in shapes.values():
+        for peer in spec.peers:
+            try:
+                check_peer(peer)
+                if on_case:
+                    on_case(f"peer {peer}")
+                results.append(run_peer_in_subprocess(peer, config, spec))
+            except (PeerUnavailable, CaseFailed) as e:
+                skipped.append({"export_dir": "-", "backend": peer, "why": str(e)})
+    return results, skipped
+
+
 def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
     """Every (export, backend) case; the PyTorch reference runs once per model, not per export.
     Returns the whole result (machine, settings, cases, skipped cases with why)."""
@@ -123,6 +160,9 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
             config = SphinxConfig.from_dict(manifest["model"]["config"])
             result["decode_weight_bytes"] = decode_weight_bytes(config, result["quant"], result["group_size"] or 32)
             cases.append(result)
+    configs = [SphinxConfig.from_dict(read_manifest(d)["model"]["config"]) for d in spec.export_dirs]
+    peers, peers_skipped = run_peers(spec, configs, on_case) if spec.peers else ([], [])
+    skipped += peers_skipped
     if on_case and spec.bandwidth:
         on_case("memory bandwidth")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
@@ -130,4 +170,4 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
     settings["images"] = [str(p) for p in spec.images]
     return {"date": date.today().isoformat(), "machine": describe(),
             "bandwidth_gb_s": memory_bandwidth() if spec.bandwidth else None,
-            "settings": settings, "cases": cases, "skipped": skipped}
+            "settings": settings, "cases": cases, "peers": peers, "skipped": skipped}

@@ -61,6 +61,24 @@ def llm_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def peer_table(result: dict) -> str:
+    """Our LLM rows next to the peers' on the same shape, each as a ratio to the fastest peer."""
+    peers = result.get("peers") or []
+    if not peers:
+        return ""
+    best_pp = max(p["pp_tok_s"]["median"] for p in peers)
+    best_tg = max(p["tg_tok_s"]["median"] for p in peers)
+    rows = [(_label(c), c["llm"], None) for c in result["cases"] if c.get("llm")]
+    rows += [(p["peer"], p, p["artifact_bytes"]) for p in peers]
+    lines = ["| runtime / quant | pp tok/s | vs best peer | tg tok/s | vs best peer | peer model MiB |",
+             "|---|---|---|---|---|---|"]
+    for label, llm, size in rows:
+        pp, tg = llm["pp_tok_s"]["median"], llm["tg_tok_s"]["median"]
+        lines.append(f"| {label} | pp{llm['pp_tokens']}: {pp:.1f} | {pp / best_pp:.2f}x | tg{llm['tg_tokens']}: {tg:.1f} "
+                     f"| {tg / best_tg:.2f}x | {_mib(size) if size else '–'} |")
+    return "\n".join(lines)
+
+
 def skip_table(result: dict) -> str:
     """Time to first token with skip tokens (sphinx-x) against every tile encoded (sphinx-1k), per image."""
     lines = ["| backend / quant | image | TTFT skip tokens ms | TTFT all tiles ms | change |", "|---|---|---|---|---|"]
@@ -82,9 +100,9 @@ def markdown(result: dict) -> str:
              + (f"; copy bandwidth {bw:.1f} GB/s" if bw else ""), "", stage_table(result)]
     if any(c.get("llm") for c in result["cases"]):
         parts += ["", llm_table(result)]
-    skips = skip_table(result)
-    if skips:
-        parts += ["", skips]
+    for table in (peer_table(result), skip_table(result)):
+        if table:
+            parts += ["", table]
     for s in result.get("skipped", []):
         parts.append(f"\nnot run: {s['backend']} on {s['export_dir']}: {s['why']}")
     return "\n".join(parts)

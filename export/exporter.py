@@ -7,8 +7,6 @@ target that holds another export (or anything else) is refused unless `overwrite
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from sphinx_edge.export.memory import release_memory
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
@@ -62,17 +61,6 @@ def _tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS: glibc keeps freed mid-size
-    blocks (weights under its 32 MB mmap threshold) in the heap, so without the trim a dropped
-    model would still count in the process's memory while the next stage loads its graphs."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:

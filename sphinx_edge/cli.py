@@ -451,6 +451,12 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result here (JSON).")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Draw time to first token by stage here (PNG; needs "
                                                 "matplotlib: pip install 'sphinx-edge[bench]').")] = None,
+    peer: Annotated[list[str], typer.Option(help="Also time a peer runtime on the exports' LLM shape (random "
+                                            "weights, pp/tg as above): llama.cpp-Q4_0, llama.cpp-Q8_0, "
+                                            "ort-genai-int4; repeat for several. Needs pip install "
+                                            "'sphinx-edge[peers]'.")] = [],
+    peers_dir: Annotated[Optional[Path], typer.Option(help="Where the peers' models are written and cached "
+                                                      "(default: ~/.cache/sphinx-edge/peers).")] = None,
 ) -> None:
     """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
     end to end), peak RSS and artifact sizes over exports x backends x images x skip tokens on/off;
@@ -485,11 +491,18 @@ def bench(
         except ManifestError as e:
             fail(str(e))
         n_cases += sum(b == "torch" or b in manifest["graphs"] for b in backend)
+    from sphinx_edge.benchmarks.peers import PEERS
+
+    for name in peer:
+        if name not in PEERS:
+            fail(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
+    if peer and not pp and not tg:
+        fail("--peer compares the LLM alone: give --pp and/or --tg above 0")
     spec = BenchSpec(export_dirs, list(backend), images, layouts, prompt, decode_tokens, pp, tg, warmup, repeats,
-                     threads, bandwidth)
+                     threads, bandwidth, list(peer), peers_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=n_cases + bandwidth)
+        task = bar.add_task("starting", total=n_cases + len(peer) + bandwidth)
         started = [False]
 
         def on_case(name: str) -> None:
