@@ -63,6 +63,36 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
+def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, graphs: dict,
+            options: ExportOptions, say: Callable[[str], None]) -> dict:
+    """The manifest's `verification`: the torch side first, then the model is let go, then each
+    runnable format of the export against it."""
+    from sphinx_edge.export.verify import (export_accuracy, held_out_questions, torch_accuracy, torch_reference,
+                                           verify_export)
+
+    runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.pte_backend == "coreml")]
+    verification: dict = {"pte": {"skipped": COREML_HERE}} if len(runnable) < len(graphs) else {}
+    if not runnable:
+        return verification
+    with tempfile.TemporaryDirectory() as tmp:
+        say("verify: the PyTorch reference")
+        model = load()
+        reference = torch_reference(model, tokenizer, SAMPLE_IMAGE)
+        data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
+        accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
+        del model
+        release_memory()
+        for fmt in runnable:
+            say(f"verify {fmt}")
+            verification[fmt] = verify_export(reference, stage, fmt, options.quant)
+            if accuracy:
+                say(f"evaluate {fmt} on {options.eval_samples} held-out questions")
+                accuracy[fmt] = export_accuracy(stage, fmt, data)
+    if accuracy:
+        verification["accuracy"] = accuracy
+    return verification
+
+
 def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
     """Refuses a non-empty target unless `overwrite`, naming what it holds."""
     if not out_dir.exists():
@@ -101,18 +131,88 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Tokenizer, out_dir: str | Path,
-                 options: ExportOptions, *, overwrite: bool = False, on_stage: Callable[[str], None] | None = None,
-                 source: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an export's weights come from: a checkpoint directory, or random weights of `size`
+    (seeded). Picklable, so that each stage can load the model in a process of its own."""
+
+    size: str
+    checkpoint: str | None = None
+    seed: int = 0
+
+    def load(self) -> SphinxModel:
+        if self.checkpoint:
+            from sphinx_edge.checkpoints import load_model
+
+            return load_model(self.checkpoint, self.size).eval()  # refuses a checkpoint of another size
+        from sphinx_edge.config import get_config
+        from sphinx_edge.model.sphinx import build_model
+
+        return build_model(get_config(self.size), seed=self.seed).eval()
+
+    def entry(self) -> dict:
+        """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference."""
+        if self.checkpoint:
+            return {"checkpoint": str(Path(self.checkpoint).resolve())}
+        return {"random_init": True, "seed": self.seed}
+
+
+def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions,
+                say: Callable[[str], None]) -> dict:
+    """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`."""
+    from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
+
+    model = load()
+    fp32 = write_graphs(model, stage / ".fp32", on_stage=say)
+    del model  # the quantizers read the graphs from disk
+    release_memory()
+    files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
+                            embedding_quant=options.embedding_quant, block_size=options.group_size,
+                            accuracy_level=options.accuracy_level, on_stage=say)
+    shutil.rmtree(stage / ".fp32")
+    return {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
+
+
+def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
+               in_place: bool, say: Callable[[str], None]) -> dict:
+    """The ExecuTorch program in `stage`; returns the manifest's `graphs.pte`."""
+    from sphinx_edge.export.executorch import export_pte
+
+    return export_pte(load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
+                      embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, on_stage=say,
+                      in_place=in_place, backend=options.pte_backend)
+
+
+def _in_own_process(stage_fn, *args):
+    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh (spawned) process: whatever the stage leaves behind (torch
+    export caches, quantizer graphs, heap fragments: about 5 GB after the ONNX stage of
+    SPHINX-Tiny and 13 GB after its ExecuTorch stage) goes back to the OS when the process ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(stage_fn, *args, _quiet_stage).result()
+
+
+def _quiet_stage(stage: str) -> None:  # a child process has no progress bar to update
+    pass
+
+
+def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], tokenizer: Tokenizer,
+                 out_dir: str | Path, options: ExportOptions, *, overwrite: bool = False,
+                 on_stage: Callable[[str], None] | None = None, source: dict | None = None) -> dict:
     """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest.
 
-    `model` may be a function that loads a fresh model on each call: the exporter then holds the
-    torch weights only while a stage needs them (the ONNX quantizers work from disk, the ExecuTorch
-    stage quantizes its copy in place), which is what large sizes need to fit in memory.
-    `source` says where the weights came from (`{"checkpoint": DIR}` or `{"random_init": True,
-    "seed": S}`), so that a benchmark can rebuild the PyTorch reference."""
+    `model` may be a `ModelSource`: then each stage (ONNX graphs, ExecuTorch program) loads the
+    weights in a process of its own, and verification drops the PyTorch model before it loads the
+    export, so at no time do two copies of a large model's weights live side by side. It may also
+    be a function that loads a fresh model (stages run in this process; the ExecuTorch stage
+    quantizes its copy in place), or a model (never modified). `source` says where the weights
+    came from when `model` is not a ModelSource."""
+    isolated = isinstance(model, ModelSource)
     fresh = not isinstance(model, SphinxModel)
-    load = model if fresh else (lambda: model)
+    load = model.load if isolated else model if fresh else (lambda: model)
+    source = model.entry() if isolated else source
     out_dir = Path(out_dir)
     for fmt in options.formats:
         if fmt not in FORMATS:
@@ -122,9 +222,14 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
 
         check_quants(options.quant, options.vision, options.embedding_quant)
     say = on_stage or (lambda s: None)
-    say("load the model")
-    current: SphinxModel | None = load()
-    config = current.config
+    if isolated:  # the stages load the weights (and refuse a checkpoint of another size)
+        from sphinx_edge.config import get_config
+
+        config = get_config(model.size)
+    else:
+        say("load the model")
+        current: SphinxModel | None = load()
+        config = current.config
     check_target(out_dir, config.name, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_stages(out_dir)
@@ -133,27 +238,23 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
     try:
         graphs: dict[str, dict] = {}
         shutil.copyfile(tokenizer.path, stage / "tokenizer.model")
+        ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
         if "onnx" in options.formats:
-            from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
-
-            fp32 = write_graphs(current, stage / ".fp32", on_stage=say)
-            current = None  # the quantizers read the graphs from disk: let a loaded model go
-            release_memory()
-            files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
-                                    embedding_quant=options.embedding_quant, block_size=options.group_size,
-                                    accuracy_level=options.accuracy_level, on_stage=say)
-            shutil.rmtree(stage / ".fp32")
-            release_memory()  # the int4 quantizer's in-memory graph, before the next stage loads a model
-            graphs["onnx"] = {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
+            if isolated:
+                say("onnx graphs (own process)")
+                graphs["onnx"] = _in_own_process(_onnx_stage, model.load, stage, options)
+            else:
+                graphs["onnx"] = _onnx_stage(lambda: current if current is not None else load(), stage, options, say)
+                current = None
+                release_memory()
         if "pte" in options.formats:
-            from sphinx_edge.export.executorch import export_pte
-
-            current = current if current is not None else load()
-            graphs["pte"] = export_pte(current, stage, quant=options.quant, group_size=options.group_size,
-                                       vision_quant=options.vision, embedding_quant=options.embedding_quant,
-                                       tokenizer_ids={"bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
-                                       on_stage=say, in_place=fresh, backend=options.pte_backend)
-            current = None  # quantized in place when fresh: no longer the fp32 model
+            if isolated:
+                say(f"pte program, {options.pte_backend} (own process)")
+                graphs["pte"] = _in_own_process(_pte_stage, model.load, stage, options, ids, True)
+            else:
+                graphs["pte"] = _pte_stage(lambda: current if current is not None else load(), stage, options, ids,
+                                           fresh, say)
+                current = None  # quantized in place when fresh: no longer the fp32 model
         release_memory()
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -172,20 +273,7 @@ def export_model(model: SphinxModel | Callable[[], SphinxModel], tokenizer: Toke
         # The manifest goes in first so that verification loads the staged export as a user would.
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if options.verify:
-            from sphinx_edge.export.verify import nano_accuracy, verify_export
-
-            model = current if current is not None else load()
-            verification = {}
-            runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.pte_backend == "coreml")]
-            if len(runnable) < len(graphs):
-                verification["pte"] = {"skipped": COREML_HERE}
-            for fmt in runnable:
-                say(f"verify {fmt}")
-                verification[fmt] = verify_export(model, tokenizer, stage, fmt, options.quant, SAMPLE_IMAGE)
-            if options.eval_samples and runnable:
-                say(f"evaluate {options.eval_samples} held-out questions")
-                verification["accuracy"] = nano_accuracy(model, tokenizer, stage, runnable, options.eval_samples)
-            manifest["verification"] = verification
+            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, say)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if out_dir.exists():

@@ -8,12 +8,15 @@
 * every export: the cosine between its image embeddings (the image part of the sequence) and
   torch's, which isolates the vision encoder's quantization.
 * SPHINX-Nano: exact-match accuracy on held-out synthetic questions, torch and export side by side.
+
+The torch side runs first and is kept as plain arrays (`Reference`, the torch accuracy), so the
+exporter can drop the model before it loads the export's graphs.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,21 +70,34 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def verify_export(model: SphinxModel, tokenizer: Tokenizer, export_dir: Path, backend: str, quant: str,
-                  image: Path) -> dict:
-    """Figures for one backend of an export (the manifest's `verification.<backend>`)."""
+@dataclass
+class Reference:
+    """What the PyTorch fp32 model gives on the sample: computed once, so that the model can be
+    dropped before the export's graphs are loaded (a large model and its export do not both fit)."""
+    prompt: str
+    image: Path
+    logits: np.ndarray  # the prefill's last-token logits
+    tokens: list[int]  # its greedy continuation
+    image_embeds: np.ndarray
+
+
+def torch_reference(model: SphinxModel, tokenizer: Tokenizer, image: Path) -> Reference:
     prompt = format_prompt([(SAMPLE_PROMPT, None)])
-    ref_logits, ref_tokens, ref_image = _torch_greedy(model, tokenizer, prompt, image)
+    return Reference(prompt, image, *_torch_greedy(model, tokenizer, prompt, image))
+
+
+def verify_export(reference: Reference, export_dir: Path, backend: str, quant: str) -> dict:
+    """Figures for one backend of an export (the manifest's `verification.<backend>`)."""
     pipeline = Pipeline(export_dir, backend)
-    got, got_image = _export_teacher_forced(pipeline, prompt, image, ref_tokens)
-    agree = [int(np.argmax(g)) == t for g, t in zip(got, ref_tokens)]
-    first_diff = float(np.abs(got[0] - ref_logits).max())
+    got, got_image = _export_teacher_forced(pipeline, reference.prompt, reference.image, reference.tokens)
+    agree = [int(np.argmax(g)) == t for g, t in zip(got, reference.tokens)]
+    first_diff = float(np.abs(got[0] - reference.logits).max())
     figures = {
-        "image": image.name,
+        "image": reference.image.name,
         "prefill_max_abs_logit_diff": first_diff,
         "top1_agreement": sum(agree) / len(agree),
         "steps": len(agree),
-        "image_embeds_cosine": cosine(got_image, ref_image),  # the vision side alone (int8 vs fp32)
+        "image_embeds_cosine": cosine(got_image, reference.image_embeds),  # the vision side alone (int8 vs fp32)
     }
     if quant == "fp32":
         figures["greedy_identical"] = all(agree)
@@ -89,19 +105,26 @@ def verify_export(model: SphinxModel, tokenizer: Tokenizer, export_dir: Path, ba
     return figures
 
 
-def nano_accuracy(model: SphinxModel, tokenizer: Tokenizer, export_dir: Path, backends: list[str],
-                  n: int = 100, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Exact match on `n` held-out synthetic questions (the `data synth` test split, seed 1):
-    the torch fp32 model and each backend of the export, on the same questions."""
-    from sphinx_edge.train.synthetic import evaluate, generate as synthesize
+def held_out_questions(n: int, out_dir: Path) -> Path:
+    """The first `n` questions of the `data synth` test split (seed 1), written to `out_dir`."""
+    from sphinx_edge.train.synthetic import generate as synthesize
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = synthesize(Path(tmp), n, seed=1, split="test")
-        scores = {"n": n}
-        scores["torch_fp32"] = evaluate(
-            lambda img, q: generate(model, tokenizer, q, img, max_new_tokens=16).text, data, progress=progress)["accuracy"]
-        for name in backends:
-            pipeline = Pipeline(export_dir, name)
-            scores[name] = evaluate(lambda img, q: pipeline.answer(q, img, max_new_tokens=16).text, data,
-                                    progress=progress)["accuracy"]
-    return scores
+    return synthesize(out_dir, n, seed=1, split="test")
+
+
+def torch_accuracy(model: SphinxModel, tokenizer: Tokenizer, data: Path,
+                   progress: Callable[[int, int], None] | None = None) -> float:
+    """Exact match of the torch fp32 model on held-out synthetic questions."""
+    from sphinx_edge.train.synthetic import evaluate
+
+    return evaluate(lambda img, q: generate(model, tokenizer, q, img, max_new_tokens=16).text, data,
+                    progress=progress)["accuracy"]
+
+
+def export_accuracy(export_dir: Path, backend: str, data: Path,
+                    progress: Callable[[int, int], None] | None = None) -> float:
+    """Exact match of one backend of an export on the same questions."""
+    from sphinx_edge.train.synthetic import evaluate
+
+    pipeline = Pipeline(export_dir, backend)
+    return evaluate(lambda img, q: pipeline.answer(q, img, max_new_tokens=16).text, data, progress=progress)["accuracy"]

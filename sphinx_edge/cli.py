@@ -321,28 +321,19 @@ def export_cmd(
         console.print(f"[yellow]warning:[/] exporting {size} needs about {need:.0f} GiB of memory; "
                       f"{free:.0f} GiB is available")
 
-    from sphinx_edge.export.exporter import ExportError, ExportOptions, export_model
+    from sphinx_edge.export.exporter import ExportError, ExportOptions, ModelSource, export_model
     from sphinx_edge.tokenizer import Tokenizer, TokenizerError
 
     with tempfile.TemporaryDirectory() as tmp:
         if random_init:
-            from sphinx_edge.model.sphinx import build_model
-
-            def load():
-                return build_model(get_config(size), seed=0).eval()
-
+            source = ModelSource(size, seed=0)
             tok_file = tokenizer or _stand_in_tokenizer(get_config(size).llm.vocab_size, Path(tmp))
-            source = {"random_init": True, "seed": 0}
         else:
             from sphinx_edge.checkpoints import tokenizer_path
 
             checkpoint = checkpoint or bundled
-
-            def load():
-                return _load(checkpoint, size)  # refuses a checkpoint of another size: its config is --size's
-
+            source = ModelSource(size, checkpoint=str(checkpoint))
             tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
-            source = {"checkpoint": str(Path(checkpoint).resolve())}
         try:
             tok = Tokenizer(tok_file)
         except TokenizerError as e:
@@ -357,9 +348,9 @@ def export_cmd(
                       transient=True) as bar:
             task = bar.add_task("starting", total=None)
             try:
-                # A loader, not a model: the exporter loads the weights for each stage that needs them,
-                # so that large sizes never hold two copies.
-                manifest = export_model(load, tok, out, options, overwrite=overwrite, source=source,
+                # A source, not a model: each stage loads the weights in a process of its own, so
+                # that large sizes never hold two copies.
+                manifest = export_model(source, tok, out, options, overwrite=overwrite,
                                         on_stage=lambda s: bar.update(task, description=s))
             except (ExportError, ValueError) as e:
                 fail(str(e))

@@ -93,3 +93,17 @@ def test_coreml_backend_delegates_the_vision_encoder_and_says_where_it_runs(toke
         assert "Apple devices only" in manifest["verification"]["pte"]["skipped"]
         with pytest.raises(ManifestError, match="Core ML"):
             Pipeline(tmp_path / "c", "pte")
+
+
+def test_export_from_a_model_source_runs_each_stage_in_its_own_process(tokenizer_file, tmp_path):
+    """What the CLI does: the ONNX and ExecuTorch stages load the weights in spawned processes; the
+    result verifies against the same weights loaded here."""
+    from sphinx_edge.export.exporter import ExportOptions, ModelSource, export_model
+    from sphinx_edge.tokenizer import Tokenizer
+
+    source = ModelSource("test-tiny", seed=3)
+    manifest = export_model(source, Tokenizer(tokenizer_file), tmp_path / "s",
+                            ExportOptions(quant="fp32", formats=("onnx", "pte")))
+    assert manifest["source"] == {"random_init": True, "seed": 3}
+    for fmt in ("onnx", "pte"):
+        assert manifest["verification"][fmt]["passed"], manifest["verification"][fmt]
