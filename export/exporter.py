@@ -184,9 +184,10 @@ def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpti
 
 
 def _in_own_process(stage_fn, *args):
-    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh (spawned) process: whatever the stage leaves behind (torch
-    export caches, quantizer graphs, heap fragments: about 5 GB after the ONNX stage of
-    SPHINX-Tiny and 13 GB after its ExecuTorch stage) goes back to the OS when the process ends."""
+    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh, spawned process.
+    Whatever the stage leaves behind (torch export caches, quantizer graphs, heap fragments: about
+    5 GB after the ONNX stage of SPHINX-Tiny, 13 GB after its ExecuTorch stage) goes back to the
+    OS when the process ends."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
