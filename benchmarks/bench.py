@@ -85,28 +85,27 @@ def decode_weight_bytes(config: SphinxConfig, quant: str, group_size: int = 32) 
     return linear * per_weight
 
 
+def _run_module(module: str, spec: dict, what: str) -> dict:
+    """`python -m module SPEC_JSON` in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise CaseFailed(f"{what} failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_in_subprocess(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
     case = {"export_dir": str(export_dir), "backend": backend, "images": [str(p) for p in spec.images],
             "layouts": spec.layouts, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
             "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sphinx_edge.benchmarks.case", json.dumps(case)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise CaseFailed(f"{backend} on {export_dir} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_module("sphinx_edge.benchmarks.case", case, f"{backend} on {export_dir}")
 
 
 def run_peer_in_subprocess(peer: str, config: SphinxConfig, spec: BenchSpec) -> dict:
     case = {"peer": peer, "llm": asdict(config.llm), "work_dir": str(spec.peers_dir or default_peers_dir()),
             "pp": spec.pp, "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
-    proc = subprocess.run([sys.executable, "-m", "sphinx_edge.benchmarks.peers", json.dumps(case)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise CaseFailed(f"{peer} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_module("sphinx_edge.benchmarks.peers", case, peer)
 
 
 def default_peers_dir() -> Path:

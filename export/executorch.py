@@ -32,23 +32,17 @@ METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 BACKENDS = ("xnnpack", "coreml")
 
 
-def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
+def _quantize_linears(module: nn.Module, bits: int, group_size: int, weight_only: bool = False) -> None:
+    """int4 per group / int8 per channel on every Linear. XNNPACK: int8 dynamic activations too
+    (8da4w / 8da8w). `weight_only`: the form Core ML folds into its constexpr dequantization ops
+    (it has no dynamic activation quantization)."""
     from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
-    granularity = PerGroup(group_size) if bits == 4 else PerAxis(0)
-    _each_linear(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"),
-                                                               weight_granularity=granularity))
-
-
-def _quantize_linear_weights(module: nn.Module, bits: int, group_size: int) -> None:
-    """Weight-only int4 (per group) / int8 (per channel): the form Core ML folds into its
-    constexpr dequantization ops; it has no dynamic activation quantization."""
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig
-
-    granularity = PerGroup(group_size) if bits == 4 else PerAxis(0)
-    _each_linear(module, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=granularity))
+    dtype, granularity = getattr(torch, f"int{bits}"), PerGroup(group_size) if bits == 4 else PerAxis(0)
+    config = (IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity) if weight_only else
+              Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity))
+    _each_linear(module, config)
 
 
 def _each_linear(module: nn.Module, config, trim_every: int = 256 << 20) -> None:
@@ -112,9 +106,8 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
         _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
         _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
     if vision_quant == "int8":
-        quantize = _quantize_linears if backend == "xnnpack" else _quantize_linear_weights
         for part in (model.convnext, model.dinov2, model.visual_proj):
-            quantize(part, 8, group_size)
+            _quantize_linears(part, 8, group_size, weight_only=backend == "coreml")
     embedding = TokenEmbedding(model)
     if embedding_quant == "int8":
         _quantize_embedding(embedding)

@@ -245,7 +245,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                 say("onnx graphs (own process)")
                 graphs["onnx"] = _in_own_process(_onnx_stage, model.load, stage, options)
             else:
-                graphs["onnx"] = _onnx_stage(lambda: current if current is not None else load(), stage, options, say)
+                graphs["onnx"] = _onnx_stage(lambda: current, stage, options, say)
                 current = None
                 release_memory()
         if "pte" in options.formats:
