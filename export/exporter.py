@@ -93,7 +93,7 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
     return verification
 
 
-def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
+def check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuses a non-empty target unless `overwrite`, naming what it holds."""
     if not out_dir.exists():
         return
@@ -103,7 +103,7 @@ def check_target(out_dir: Path, model_name: str, overwrite: bool) -> None:
         return
     try:
         held = read_manifest(out_dir)["model"].get("name", "?")
-        what = f"an export of {held!r}" + ("" if held != model_name else " already")
+        what = f"an export of {held!r}"
     except ManifestError:
         what = "files that are not a finished sphinx-edge export"
     raise ExportError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out")
@@ -231,7 +231,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         say("load the model")
         current: SphinxModel | None = load()
         config = current.config
-    check_target(out_dir, config.name, overwrite)
+    check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_stages(out_dir)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))

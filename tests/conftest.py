@@ -84,3 +84,18 @@ def onnx_export(tmp_path_factory, tokenizer_file):
 def pte_export(tmp_path_factory, tokenizer_file):
     """(model, export dir, manifest): test-tiny exported to an fp32 ExecuTorch program, verified."""
     return _export(tmp_path_factory, tokenizer_file, "fp32", ("pte",))
+
+
+@pytest.fixture(scope="session")
+def nano_int4_pte(tmp_path_factory):
+    """Export dir: the bundled SPHINX-Nano as an int4 ExecuTorch program (what ships to devices)."""
+    from sphinx_edge.checkpoints import load_model
+    from sphinx_edge.cli import BUNDLED
+    from sphinx_edge.export.exporter import ExportOptions, export_model
+    from sphinx_edge.tokenizer import Tokenizer
+
+    nano = BUNDLED / "nano"
+    out = tmp_path_factory.mktemp("export") / "nano-int4-pte"
+    export_model(lambda: load_model(nano, "nano").eval(), Tokenizer(nano / "tokenizer.model"), out,
+                 ExportOptions(quant="int4", formats=("pte",), verify=False), source={"checkpoint": str(nano)})
+    return out
