@@ -418,6 +418,67 @@ def run(
 
 
 @app.command()
+def request(
+    export_dir: Annotated[Path, typer.Argument(help="A directory written by `sphinx-edge export` (its manifest and "
+                                               "tokenizer are used; the graphs are not loaded).")],
+    prompt: Annotated[str, typer.Option(help="The question.")],
+    out: Annotated[Path, typer.Option(help="The request file to write (replaced atomically).")],
+    image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget (the runner's "
+                                                "--max-new-tokens overrides it).")] = 128,
+) -> None:
+    """Write a request file for the C++ runner (runtime/cpp): the whole input sequence (token ids,
+    the packed image views as float32), the stop rules and the tokenizer's pieces, so a device
+    needs neither Python, an image library nor SentencePiece.
+
+    Then: sphinx_runner EXPORT_DIR/program.pte REQUEST.bin (runtime/cpp/README.md: build, format, adb).
+    """
+    from sphinx_edge.layout import ImageLoadError
+    from sphinx_edge.runtime.manifest import ManifestError
+    from sphinx_edge.runtime.request import write_request
+
+    try:
+        info = write_request(export_dir, image, prompt, out, max_new_tokens=max_new_tokens)
+    except (ManifestError, ImageLoadError, ValueError) as e:
+        fail(str(e))
+    console.print(f"wrote {out}: {info['sequence_length']} positions, {info['views']} views, "
+                  f"{info['skipped_tiles']} skip tokens, {info['bytes'] / 1e6:.2f} MB")
+
+
+@app.command()
+def web(
+    export_dir: Annotated[Path, typer.Argument(help="An ONNX export (`sphinx-edge export --format onnx`).")],
+    out: Annotated[Path, typer.Option(help="The site folder to write (created, or refreshed in place).")] = Path("out/web"),
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the site until Ctrl-C.")] = False,
+    host: Annotated[str, typer.Option(help="Address for --serve.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port for --serve (0: any free port).")] = 8000,
+) -> None:
+    """Build the browser demo for an ONNX export: runtime/web's page (onnxruntime-web, wasm), the graphs,
+    tokenizer.json and config.json in one static folder; --serve serves it on localhost (wasm MIME type and
+    the cross-origin isolation headers that wasm threads need). Run runtime/web/install-deps.sh once first."""
+    from sphinx_edge.runtime.manifest import ManifestError
+    from sphinx_edge.runtime.web_bundle import WebBundleError, build_site, make_server
+
+    try:
+        site = build_site(export_dir, out)
+        server = make_server(site, host, port, verbose=True) if serve else None
+    except (ManifestError, WebBundleError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote the demo site to {site}")
+    if server is None:
+        console.print(f"serve it with: sphinx-edge web {export_dir} --out {out} --serve")
+        return
+    address, bound_port = server.server_address[:2]
+    console.print(f"serving on http://{address}:{bound_port}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
 def bench(
     export_dirs: Annotated[list[Path], typer.Argument(help="Export directories (`sphinx-edge export`), e.g. one per "
                                                       "quantization; each is benchmarked on every --backend it has.")],

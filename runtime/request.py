@@ -1,0 +1,137 @@
+"""The request file of the C++ runner (runtime/cpp): one question about one image, ready to run.
+
+A device with no Python gets the whole input sequence (`multimodal_inputs.build_inputs`: token
+ids and packed image views), the generation settings and the tokenizer's pieces, so the runner
+needs neither an image library nor SentencePiece. Layout, all little-endian:
+
+    8 bytes   MAGIC (b"SPHXREQ1")
+    4 bytes   uint32: length H of the header
+    H bytes   the header, JSON (UTF-8), described in runtime/cpp/README.md
+    padding   zeros up to header["data_offset"] (a multiple of 64: the views stay aligned)
+    data      the image views, float32 C-order; each image segment names its "offset" (bytes
+              from data_offset) and "shape" [3, tile + dino, tile]
+
+Torch-free, like the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sphinx_edge.io import atomic_path
+from sphinx_edge.layout import ImageSource
+from sphinx_edge.prompt import STOP_STRINGS
+from sphinx_edge.runtime.multimodal_inputs import Segment, build_inputs, sequence_length
+from sphinx_edge.runtime.pipeline import ContextOverflowError, Pipeline
+from sphinx_edge.tokenizer import Tokenizer
+
+MAGIC = b"SPHXREQ1"
+VERSION = 1
+ALIGN = 64
+
+# One character per piece: how SentencePiece's DecodeIds treats it. Normal and user-defined pieces
+# are text ("▁" is a space), control pieces (<s>, </s>) vanish, the unknown piece prints the
+# model's unk surface, byte pieces (<0xNN>) are raw bytes joined into UTF-8.
+PIECE_KINDS = {"normal": "n", "control": "c", "unknown": "u", "byte": "b"}
+
+
+def vocab_header(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a runner needs to turn ids into text exactly as `Tokenizer.decode` does."""
+    from sentencepiece import sentencepiece_model_pb2  # ships with sentencepiece; needs protobuf
+
+    sp = tokenizer.sp
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    # Our runners implement SentencePiece's plain decoding; refuse models that decode otherwise
+    # rather than print subtly wrong text on the device.
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        raise ValueError("the tokenizer treats whitespace as a suffix; the C++ runner does not support that")
+    if proto.HasField("denormalizer_spec") and proto.denormalizer_spec.precompiled_charsmap:
+        raise ValueError("the tokenizer has denormalization rules; the C++ runner does not support them")
+    pieces, kinds = [], []
+    for i in range(sp.GetPieceSize()):
+        pieces.append(sp.IdToPiece(i))
+        kinds.append("c" if sp.IsControl(i) else "u" if sp.IsUnknown(i) else "b" if sp.IsByte(i) else "n")
+    return {
+        "pieces": pieces,
+        "kinds": "".join(kinds),
+        "add_dummy_prefix": proto.normalizer_spec.add_dummy_prefix,
+        "remove_extra_whitespaces": proto.normalizer_spec.remove_extra_whitespaces,
+        "unk_surface": proto.trainer_spec.unk_surface,
+    }
+
+
+def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: int) -> bytes:
+    """The request file's bytes for `segments` of `pipeline`'s model."""
+    cfg = pipeline.config
+    entries, blobs, offset = [], [], 0
+    for s in segments:
+        if s.kind == "tokens":
+            entries.append({"tokens": [int(t) for t in s.tokens]})
+            continue
+        view = np.ascontiguousarray(s.image, dtype="<f4")
+        entries.append({"image": {"shape": list(view.shape), "offset": offset}})
+        blobs.append(view.tobytes())
+        offset += view.nbytes
+    header: dict[str, Any] = {
+        "version": VERSION,
+        "model": cfg.name,
+        # What the program must be: the runner checks these against its constant methods, so a
+        # request made for another export fails clearly instead of producing noise.
+        "program": {"tokens_per_view": cfg.tokens_per_view, "tile_size": cfg.convnext.image_size,
+                    "dino_size": cfg.dinov2.image_size, "skip_id": cfg.skip_id,
+                    "vocab_size": cfg.llm.vocab_size, "max_seq_len": cfg.llm.max_seq_len},
+        "sequence_length": sequence_length(segments, cfg.tokens_per_view),
+        "max_new_tokens": max_new_tokens,
+        "eos_ids": [pipeline.tokenizer.eos_id],
+        "stop_strings": list(STOP_STRINGS),
+        "segments": entries,
+        "data_bytes": offset,
+        "vocab": vocab_header(pipeline.tokenizer),
+    }
+    # data_offset depends on the header's own length: fix it at a bound, then pad to it.
+    header["data_offset"] = 0
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    data_offset = -(-(len(MAGIC) + 4 + len(text) + 16) // ALIGN) * ALIGN
+    header["data_offset"] = data_offset
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    prefix = MAGIC + struct.pack("<I", len(text)) + text
+    assert len(prefix) <= data_offset  # the 16 spare bytes cover data_offset's own digits
+    return prefix + bytes(data_offset - len(prefix)) + b"".join(blobs)
+
+
+def write_request(export_dir: str | os.PathLike, image: ImageSource | None, question: str,
+                  out: str | os.PathLike, *, max_new_tokens: int = 128) -> dict[str, Any]:
+    """Writes the request for `question` about `image` (atomically) and returns a summary:
+    sequence length, views, skip tokens, bytes."""
+    # No backend: only the manifest checks, the model config and the tokenizer.
+    pipeline = Pipeline(export_dir, backend=None)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    segments = build_inputs(pipeline.config, pipeline.tokenizer, image, question)
+    length = sequence_length(segments, pipeline.config.tokens_per_view)
+    if length >= pipeline.config.llm.max_seq_len:
+        raise ContextOverflowError(f"the prompt takes {length} tokens; the context holds "
+                                   f"{pipeline.config.llm.max_seq_len}. Ask a shorter question.")
+    blob = encode_request(pipeline, segments, max_new_tokens)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_bytes(blob)
+    skip = pipeline.config.skip_id
+    return {"sequence_length": length, "views": sum(s.kind == "image" for s in segments),
+            "skipped_tiles": sum(t == skip for s in segments for t in s.tokens), "bytes": len(blob)}
+
+
+def read_request_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a request file (for tools and tests; the runner parses it in C++)."""
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + 4)
+        if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
+            raise ValueError(f"{path} is not a sphinx-edge request file (bad magic)")
+        (size,) = struct.unpack("<I", head[len(MAGIC):])
+        return json.loads(f.read(size).decode())
