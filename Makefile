@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean nano
+.PHONY: demo test install deps clean nano
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sphinx-edge demo
 
-test: $(STAMP)
+# System tools and npm packages of the on-device tests: cmake, g++, the aarch64 cross compiler, qemu-user
+# and the aarch64 ExecuTorch libraries (C++ runner); chromium, Node.js packages (browser demo). Best effort:
+# without root or apt the scripts print what to install, and those tests skip saying so.
+deps: $(STAMP)
+	-PYTHON=$(BIN)/python bash runtime/cpp/install-deps.sh
+	-bash runtime/web/install-deps.sh
+
+test: $(STAMP) deps
 	$(BIN)/python -m pytest -q -n 2 tests
 
 # SPHINX-Nano from scratch on this CPU (about an hour on 2 cores): data, tokenizer, training,

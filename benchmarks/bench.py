@@ -24,6 +24,7 @@ from sphinx_edge.runtime.manifest import read_manifest
 
 BACKENDS = ("torch", "onnx", "pte")
 TARGETS = ("local", "android", "apple")
+DEFAULT_ANDROID_RUNNER = Path("build/cpp-android")  # runtime/cpp/README.md: the NDK build
 # Bytes of a linear weight that decoding reads per token, by quantization (int4: 4-bit values
 # plus one fp32 scale per group).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
@@ -53,6 +54,8 @@ class BenchSpec:
     bandwidth: bool = True
     peers: list[str] = field(default_factory=list)  # of peers.PEERS, on the exports' LLM shape
     peers_dir: Path | None = None  # where the peers' models are written and cached
+    target: str = "local"  # or android: the C++ runner over adb (benchmarks/android.py)
+    runner_dir: Path | None = None  # android: sphinx_runner built with the NDK, and its .so files
 
 
 def check_target(target: str) -> None:
@@ -67,7 +70,7 @@ def check_target(target: str) -> None:
         out = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=30).stdout
         if not [line for line in out.splitlines()[1:] if line.strip().endswith("device")]:
             raise TargetUnavailable("--target android: adb sees no device; connect one and allow USB debugging")
-        raise TargetUnavailable("--target android needs the on-device C++ runner, which is not built yet")
+        return
     if target == "apple":
         if sys.platform != "darwin" or platform.machine() != "arm64":
             raise TargetUnavailable("--target apple runs on a Mac with Apple silicon; this machine is "
@@ -132,9 +135,40 @@ def run_peers(spec: BenchSpec, configs: list[SphinxConfig], on_case: Callable[[s
     return results, skipped
 
 
+def run_android(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
+    """Every export's ExecuTorch program on the attached phone (benchmarks/android.py)."""
+    from sphinx_edge.benchmarks.android import Adb, AndroidError, push_runner, run_android_case
+
+    adb, cases, skipped = Adb(), [], []
+    push_runner(adb, spec.runner_dir or DEFAULT_ANDROID_RUNNER)
+    for export_dir in spec.export_dirs:
+        if "pte" not in read_manifest(export_dir)["graphs"]:
+            skipped.append({"export_dir": str(export_dir), "backend": "pte (android)",
+                            "why": "the export has no pte program (export with --format pte or both)"})
+            continue
+        if on_case:
+            on_case(f"pte on the phone ({export_dir.name})")
+        try:
+            cases.append(run_android_case(adb, export_dir, spec.images, spec.layouts, spec.prompt,
+                                          spec.decode_tokens, spec.warmup, spec.repeats, spec.threads))
+        except AndroidError as e:
+            skipped.append({"export_dir": str(export_dir), "backend": "pte (android)", "why": str(e)})
+    for backend in set(spec.backends) - {"pte"}:
+        skipped.append({"export_dir": "-", "backend": backend, "why": "runs on this host only, not with --target android"})
+    return {"date": date.today().isoformat(), "machine": adb.describe(), "bandwidth_gb_s": None,
+            "settings": _settings(spec), "cases": cases, "peers": [], "skipped": skipped}
+
+
+def _settings(spec: BenchSpec) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k in ("export_dirs", "images") else v)
+            for k, v in asdict(spec).items()}
+
+
 def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
     """Every (export, backend) case; the PyTorch reference runs once per model, not per export.
     Returns the whole result (machine, settings, cases, skipped cases with why)."""
+    if spec.target == "android":
+        return run_android(spec, on_case)
     cases, skipped, torch_done = [], [], set()
     for export_dir in spec.export_dirs:
         manifest = read_manifest(export_dir)
@@ -164,9 +198,6 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
     skipped += peers_skipped
     if on_case and spec.bandwidth:
         on_case("memory bandwidth")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
-    settings["export_dirs"] = [str(p) for p in spec.export_dirs]
-    settings["images"] = [str(p) for p in spec.images]
     return {"date": date.today().isoformat(), "machine": describe(),
             "bandwidth_gb_s": memory_bandwidth() if spec.bandwidth else None,
-            "settings": settings, "cases": cases, "peers": peers, "skipped": skipped}
+            "settings": _settings(spec), "cases": cases, "peers": peers, "skipped": skipped}

@@ -38,7 +38,7 @@ def stage_table(result: dict) -> str:
             s = row["stages"]
             lines.append(
                 f"| {_label(case)} | {Path(row['image']).name} | {row['layout']} | {row['views']} | "
-                f"{row['image_tokens']} | {_ms(s['preprocess'])} | {_ms(s['vision'])} "
+                f"{row['image_tokens']} | {_ms(s['preprocess']) if 'preprocess' in s else 'on host'} | {_ms(s['vision'])} "
                 f"({1e3 * s['vision_per_view']['median']:.1f}) | {_ms(s['prefill'])} ({_rate(s['prefill_tok_s'])}) | "
                 f"{_ms(s['ttft'])} | {_rate(s['decode_tok_s'])} | {_ms(s['e2e'])} | {case['peak_rss_mib']:.0f} | "
                 f"{_mib(case['artifact_bytes'])} |")
@@ -126,7 +126,7 @@ def save_chart(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     for stage in STACK:
-        widths = [1e3 * s[stage]["median"] for _, s in rows]
+        widths = [1e3 * s[stage]["median"] if stage in s else 0.0 for _, s in rows]  # android: no preprocess
         ax.barh(range(len(rows)), widths, left=left, label=stage)
         left = [a + b for a, b in zip(left, widths)]
     ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)

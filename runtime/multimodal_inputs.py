@@ -42,13 +42,14 @@ class Segment:
 
 
 def build_inputs(config: SphinxConfig, tokenizer: Tokenizer, image: ImageSource | None,
-                 question: str, history: Sequence[Turn] = ()) -> list[Segment]:
-    """The whole first-turn sequence for `question` about `image` (after `history`, if any)."""
+                 question: str, history: Sequence[Turn] = (), layout: str | None = None) -> list[Segment]:
+    """The whole first-turn sequence for `question` about `image` (after `history`, if any).
+    `layout` overrides the model's (the benchmark compares skip tokens on and off)."""
     ids = tokenizer.encode(format_prompt([*history, (question, None)]), bos=True)
     segments = [Segment(tokens=(ids[0],))]
     if image is not None:
         plan, convnext_views, dinov2_views = preprocess(
-            image, layout=config.layout, grid=config.grid, tile_size=config.convnext.image_size,
+            image, layout=layout or config.layout, grid=config.grid, tile_size=config.convnext.image_size,
             dino_size=config.dinov2.image_size)
         views = pack_views(convnext_views, dinov2_views)
         for kind, index in image_segments(plan):

@@ -107,14 +107,14 @@ def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: 
 
 
 def write_request(export_dir: str | os.PathLike, image: ImageSource | None, question: str,
-                  out: str | os.PathLike, *, max_new_tokens: int = 128) -> dict[str, Any]:
+                  out: str | os.PathLike, *, max_new_tokens: int = 128, layout: str | None = None) -> dict[str, Any]:
     """Writes the request for `question` about `image` (atomically) and returns a summary:
-    sequence length, views, skip tokens, bytes."""
+    sequence length, image tokens, views, skip tokens, bytes. `layout` overrides the model's."""
     # No backend: only the manifest checks, the model config and the tokenizer.
     pipeline = Pipeline(export_dir, backend=None)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    segments = build_inputs(pipeline.config, pipeline.tokenizer, image, question)
+    segments = build_inputs(pipeline.config, pipeline.tokenizer, image, question, layout=layout)
     length = sequence_length(segments, pipeline.config.tokens_per_view)
     if length >= pipeline.config.llm.max_seq_len:
         raise ContextOverflowError(f"the prompt takes {length} tokens; the context holds "
@@ -122,9 +122,10 @@ def write_request(export_dir: str | os.PathLike, image: ImageSource | None, ques
     blob = encode_request(pipeline, segments, max_new_tokens)
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(blob)
-    skip = pipeline.config.skip_id
-    return {"sequence_length": length, "views": sum(s.kind == "image" for s in segments),
-            "skipped_tiles": sum(t == skip for s in segments for t in s.tokens), "bytes": len(blob)}
+    skip, views = pipeline.config.skip_id, sum(s.kind == "image" for s in segments)
+    skipped = sum(t == skip for s in segments for t in s.tokens)
+    return {"sequence_length": length, "image_tokens": views * pipeline.config.tokens_per_view + skipped,
+            "views": views, "skipped_tiles": skipped, "bytes": len(blob)}
 
 
 def read_request_header(path: str | os.PathLike) -> dict[str, Any]:

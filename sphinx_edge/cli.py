@@ -509,6 +509,9 @@ def bench(
                                             "'sphinx-edge[peers]'.")] = [],
     peers_dir: Annotated[Optional[Path], typer.Option(help="Where the peers' models are written and cached "
                                                       "(default: ~/.cache/sphinx-edge/peers).")] = None,
+    runner_dir: Annotated[Optional[Path], typer.Option(help="--target android: the folder holding sphinx_runner built "
+                                                       "with the Android NDK and its .so files (runtime/cpp/README.md; "
+                                                       "default: build/cpp-android).")] = None,
 ) -> None:
     """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
     end to end), peak RSS and artifact sizes over exports x backends x images x skip tokens on/off;
@@ -522,9 +525,16 @@ def bench(
     from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
     from sphinx_edge.runtime.manifest import ManifestError, read_manifest
 
+    from sphinx_edge.benchmarks.android import AndroidError, runner_files
+
     try:
         check_target(target)
-    except TargetUnavailable as e:
+        if target == "android":
+            from sphinx_edge.benchmarks.bench import DEFAULT_ANDROID_RUNNER
+
+            runner_dir = runner_dir or DEFAULT_ANDROID_RUNNER
+            runner_files(runner_dir)
+    except (TargetUnavailable, AndroidError) as e:
         fail(str(e))
     for b in backend:
         if b not in BACKENDS:
@@ -542,7 +552,8 @@ def bench(
             manifest = read_manifest(d)
         except ManifestError as e:
             fail(str(e))
-        n_cases += sum(b == "torch" or b in manifest["graphs"] for b in backend)
+        n_cases += ("pte" in manifest["graphs"] if target == "android" else
+                    sum(b == "torch" or b in manifest["graphs"] for b in backend))
     from sphinx_edge.benchmarks.peers import PEERS
 
     for name in peer:
@@ -551,7 +562,7 @@ def bench(
     if peer and not pp and not tg:
         fail("--peer compares the LLM alone: give --pp and/or --tg above 0")
     spec = BenchSpec(export_dirs, list(backend), images, layouts, prompt, decode_tokens, pp, tg, warmup, repeats,
-                     threads, bandwidth, list(peer), peers_dir)
+                     threads, bandwidth, list(peer), peers_dir, target, runner_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("starting", total=n_cases + len(peer) + bandwidth)
@@ -563,7 +574,10 @@ def bench(
             started[0] = True
             bar.update(task, description=name)
 
-        result = run_matrix(spec, on_case)
+        try:
+            result = run_matrix(spec, on_case)
+        except AndroidError as e:
+            fail(str(e))
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     if json_out:
         save_json(result, json_out)

@@ -22,7 +22,7 @@ def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
     commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
-                "bench"]
+                "bench", "request", "web"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")

@@ -1,6 +1,6 @@
 // sphinx_runner: answer one request (runtime/request.py) with a SPHINX ExecuTorch program.
 //
-//   sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N]
+//   sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N] [--ignore-eos]
 //
 // Drives the program exactly as the Python runtime does (runtime/pipeline.py with the pte
 // backend), so the greedy tokens match: every view through `vision_encoder` in one batch, every
@@ -172,7 +172,8 @@ int64_t argmax(const float* x, int64_t n) {  // the first maximum, as numpy's ar
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "sphinx_runner: %s\n"
-               "usage: sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N]\n"
+               "usage: sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N] [--ignore-eos]\n"
+               "       --ignore-eos: decode exactly the token budget, past EOS and stop strings (benchmarks)\n"
                "       sphinx_runner --detokenize REQUEST.bin ID...   (print the text of ids; for tests)\n"
                "Write REQUEST.bin with: sphinx-edge request EXPORT_DIR --image IMG --prompt Q --out REQUEST.bin\n",
                why);
@@ -195,10 +196,12 @@ int run(int argc, char** argv) {
   }
   std::vector<std::string> files;
   int64_t max_new_override = 0, threads = 0;
+  bool ignore_eos = false;  // benchmarks: every run decodes the same number of tokens
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--max-new-tokens") max_new_override = positive("--max-new-tokens", i + 1 < argc ? argv[++i] : nullptr);
     else if (a == "--threads") threads = positive("--threads", i + 1 < argc ? argv[++i] : nullptr);
+    else if (a == "--ignore-eos") ignore_eos = true;
     else if (a == "-h" || a == "--help") usage("answer one SPHINX request with an ExecuTorch program");
     else if (a.rfind("--", 0) == 0) usage(("unknown option " + a).c_str());
     else files.push_back(a);
@@ -274,7 +277,7 @@ int run(int argc, char** argv) {
   int64_t decode_calls = 0;
   for (int64_t step = 0; step < budget; ++step) {
     int64_t token = argmax(logits.data() + logits.size() - r.vocab, r.vocab);
-    if (eos_set.count(token)) {
+    if (!ignore_eos && eos_set.count(token)) {
       stop_reason = "eos";
       break;
     }
@@ -282,7 +285,7 @@ int run(int argc, char** argv) {
     text = req.vocab.decode(generated);
     size_t cut = std::string::npos;
     for (const auto& stop : req.stop_strings) cut = std::min(cut, text.find(stop));
-    if (cut != std::string::npos) {
+    if (!ignore_eos && cut != std::string::npos) {
       text.resize(cut);
       stop_reason = "stop";
       break;
