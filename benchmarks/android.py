@@ -10,7 +10,6 @@ tables and chart show them; there is no preprocess stage (it ran on the host) an
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import shutil
 import subprocess

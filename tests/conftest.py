@@ -99,3 +99,21 @@ def nano_int4_pte(tmp_path_factory):
     export_model(lambda: load_model(nano, "nano").eval(), Tokenizer(nano / "tokenizer.model"), out,
                  ExportOptions(quant="int4", formats=("pte",), verify=False), source={"checkpoint": str(nano)})
     return out
+
+
+def run_torch_free(body: str):
+    """Runs `body` (Python source) in a fresh interpreter where importing torch fails, and checks at the
+    end that nothing imported it: the runtime's promise. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+    """) + textwrap.dedent(body) + '\nassert "torch" not in sys.modules\n'
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -13,13 +13,12 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_torch_free
 from sphinx_edge.benchmarks.device_output import RunnerOutputError, parse_runner_output
 from sphinx_edge.runtime.request import ALIGN, MAGIC, read_request_header, write_request
 
@@ -181,19 +180,11 @@ def test_runner_errors_are_specific(native_runner, nano_export, requests, tmp_pa
 
 def test_request_file_is_written_torch_free(nano_export, tmp_path):
     out = tmp_path / "req.bin"
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    proc = run_torch_free(f"""
         from sphinx_edge.runtime.request import write_request
         write_request({str(nano_export)!r}, {str(ASSETS / 'shapes_2x1.png')!r}, "What colour is the circle?",
                       {str(out)!r}, max_new_tokens=8)
-        assert "torch" not in sys.modules
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     header = read_request_header(out)
     blob = out.read_bytes()

@@ -1,12 +1,9 @@
 """The runtime: same greedy tokens as torch on both backends, torch-free ONNX path, cache reuse in chat."""
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from conftest import make_image
+from conftest import make_image, run_torch_free
 from sphinx_edge.generate import generate
 from sphinx_edge.runtime.pipeline import Chat, ContextOverflowError, Pipeline
 from sphinx_edge.tokenizer import Tokenizer
@@ -30,19 +27,11 @@ def test_greedy_answer_matches_torch(backend, onnx_export, pte_export, tokenizer
 
 def test_onnx_path_runs_without_torch(onnx_export, image):
     _, out, _ = onnx_export
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    result = run_torch_free(f"""
         from sphinx_edge.runtime.pipeline import Pipeline
         answer = Pipeline({str(out)!r}).answer("Describe the picture.", {str(image)!r}, max_new_tokens=4)
-        assert "torch" not in sys.modules
         print(len(answer.token_ids), answer.image_tokens)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[1] != "0"
 
