@@ -43,7 +43,8 @@ class Answer:
 class Pipeline:
     """An export directory behind one backend: `backend` names one of BACKENDS, or is a ready
     backend object (the benchmark's PyTorch reference) that then uses only the export's
-    manifest and tokenizer."""
+    manifest and tokenizer, or is None (no graphs loaded: the config and tokenizer alone, as
+    `runtime.request` needs them)."""
 
     def __init__(self, export_dir: str | os.PathLike, backend="onnx", *, threads: int | None = None) -> None:
         if isinstance(backend, str) and backend not in BACKENDS:
