@@ -43,11 +43,7 @@ PIECE_KINDS = {"normal": "n", "control": "c", "unknown": "u", "byte": "b"}
 
 def vocab_header(tokenizer: Tokenizer) -> dict[str, Any]:
     """What a runner needs to turn ids into text exactly as `Tokenizer.decode` does."""
-    from sentencepiece import sentencepiece_model_pb2  # ships with sentencepiece; needs protobuf
-
-    sp = tokenizer.sp
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
+    sp, proto = tokenizer.sp, tokenizer.model_proto()
     # Our runners implement SentencePiece's plain decoding; refuse models that decode otherwise
     # rather than print subtly wrong text on the device.
     if proto.trainer_spec.treat_whitespace_as_suffix:

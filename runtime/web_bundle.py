@@ -26,6 +26,7 @@ from sphinx_edge.config import SphinxConfig
 from sphinx_edge.io import atomic_path, write_text_atomic
 from sphinx_edge.prompt import STOP_STRINGS, format_prompt
 from sphinx_edge.runtime.manifest import ManifestError, check_files, graph_files, read_manifest
+from sphinx_edge.tokenizer import Tokenizer, TokenizerError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 WEB_FILES = ("index.html", "app.js", "sphinx.js", "tiling.js", "tokenizer.js", "decoding.js")
@@ -43,14 +44,12 @@ class WebBundleError(ValueError):
 def tokenizer_json(model_file: str | os.PathLike) -> dict[str, Any]:
     """A SentencePiece BPE model as JSON for runtime/web/tokenizer.js: every piece with its score and
     type, the special ids and the normaliser flags the encoder follows."""
-    from google.protobuf.message import DecodeError  # protobuf comes with onnx and sentencepiece's pb2
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
     try:
-        proto.ParseFromString(Path(model_file).read_bytes())
-    except (OSError, DecodeError) as e:
-        raise WebBundleError(f"{model_file} is not a SentencePiece model: {e}") from e
+        proto = Tokenizer(model_file).model_proto()
+    except TokenizerError as e:
+        raise WebBundleError(str(e)) from e
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     model_type = pb.TrainerSpec.ModelType.Name(trainer.model_type)
     if model_type != "BPE":

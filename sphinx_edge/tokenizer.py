@@ -45,5 +45,14 @@ class Tokenizer:
         starts = [char_of_byte.get(p.begin, len(text)) for p in proto.pieces]
         return ([self.bos_id] if bos else []) + ids, ([0] if bos else []) + starts
 
+    def model_proto(self):
+        """The parsed SentencePiece ModelProto: pieces with scores and types, and the trainer and
+        normaliser settings that runners outside Python (C++, JavaScript) must follow."""
+        from sentencepiece import sentencepiece_model_pb2  # ships with sentencepiece; needs protobuf
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        return proto
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds([i for i in ids if 0 <= i < self.vocab_size])
