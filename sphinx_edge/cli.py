@@ -234,6 +234,36 @@ def train(
     run(cfg)
 
 
+@app.command("warmup-encoders")
+def warmup_encoders_cmd(
+    data: Annotated[list[Path], typer.Argument(help="LLaVA conversation JSON files with short answers.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write (start the recipe from it with init=...).")],
+    size: Annotated[str, typer.Option(help="Model size whose experts are warmed up.")] = "nano",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2500,
+    batch_size: Annotated[int, typer.Option(help="Questions per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and of the fresh LLM weights.")] = 0,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to copy into the model directory.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out JSON: print the warm-up classifier's exact match on it.")] = None,
+) -> None:
+    """Supervised warm-up of the two visual experts on question answering, standing in for the
+    pretrained CLIP / DINOv2 that real SPHINX starts from (models trained from scratch: Nano)."""
+    from sphinx_edge.train.encoder_warmup import main as warmup
+
+    for path in [*data, *([eval_data] if eval_data else [])]:
+        if not path.is_file():
+            fail(f"{path} does not exist")
+    if tokenizer is not None and not tokenizer.is_file():
+        fail(f"tokenizer {tokenizer} does not exist")
+    try:
+        warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
+               limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
+               eval_json=str(eval_data) if eval_data else None)
+    except ValueError as e:  # DataError (unreadable data or images) or an unknown size
+        fail(str(e))
+
+
 SIZE_WEIGHTS_HELP = {
     "tiny": "SPHINX-Tiny's released weights (LLaMA2-Accessory format, Alpha-VLLM/SPHINX on Hugging Face: "
             "the SPHINX-Tiny folder) or parts assembled with `sphinx-edge assemble`",

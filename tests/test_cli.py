@@ -22,7 +22,7 @@ def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
     commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
-                "bench", "request", "web"]
+                "bench", "request", "web", "warmup-encoders"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -79,7 +79,7 @@ def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
 
 
 def test_data_train_eval_and_chat_commands(tmp_path):
-    """The nano pipeline's commands, end to end on a tiny run."""
+    """The nano pipeline's commands (`make nano`), end to end on a tiny run."""
     import json
 
 
@@ -91,9 +91,16 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     code, out = run("data", "tokenizer", tmp_path / "data" / "train.json", "--out", tmp_path / "tok.model",
                     "--vocab-size", "400")
     assert code == 0, out
+    code, out = run("warmup-encoders", tmp_path / "data" / "train.json", "--out", tmp_path / "warm", "--steps", "2",
+                    "--batch-size", "4", "--tokenizer", tmp_path / "tok.model", "--eval", tmp_path / "data" / "test.json")
+    assert code == 0, out
+    assert "experts + warm-up classifier on" in out and (tmp_path / "warm" / "model.safetensors").is_file()
+    code, out = run("warmup-encoders", tmp_path / "missing.json", "--out", tmp_path / "warm2")
+    assert code == 2 and "missing.json" in out and not (tmp_path / "warm2").exists()
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'size = "nano"\nout_dir = "{tmp_path / "run"}"\ntokenizer = "{tmp_path / "tok.model"}"\n'
+        f'init = "{tmp_path / "warm"}"\nfreeze_encoders = true\n'
         'steps = 2\nbatch_size = 2\nmax_len = 256\ndtype = "fp32"\nlog_every = 1\n'
         f'[[data]]\njson = "{tmp_path / "data" / "train.json"}"\n')
     code, out = run("train", recipe, "lr=0.001")

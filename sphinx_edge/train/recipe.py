@@ -194,7 +194,7 @@ def _as_is(batch: list[Example]) -> list[Example]:
     return batch
 
 
-def _one_blas_thread(worker_id: int) -> None:
+def one_blas_thread(worker_id: int) -> None:
     """Each worker is one core's worth of tiling: numpy's BLAS would otherwise start a thread per
     core in every worker (16 workers x 16 threads on a GPU host) and they would fight."""
     from threadpoolctl import threadpool_limits
@@ -207,7 +207,7 @@ def micro_batches(mixture: Mixture, first: int, count: int, workers: int) -> Ite
     if workers == 0:
         return (mixture.batch(first + k) for k in range(count))
     loader = torch.utils.data.DataLoader(_MicroBatches(mixture, first, count), batch_size=None, collate_fn=_as_is,
-                                         num_workers=workers, prefetch_factor=4, worker_init_fn=_one_blas_thread)
+                                         num_workers=workers, prefetch_factor=4, worker_init_fn=one_blas_thread)
     return iter(loader)
 
 

@@ -102,3 +102,14 @@ def test_schedule_and_overrides():
 def test_unknown_recipe_keys_are_refused(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match="unknown recipe keys \\['stepz'\\]"):
         TrainConfig.load(write_recipe(tmp_path, tokenizer_file), stepz=3)
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[2] / "recipes").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipes_load(recipe):
+    from sphinx_edge.config import get_config
+
+    cfg = TrainConfig.load(recipe)
+    get_config(cfg.size)  # a known size
+    assert cfg.data and cfg.steps > 0 and cfg.batch_size > 0
+    if cfg.size == "nano":  # starts from the experts `sphinx-edge warmup-encoders` writes (make nano)
+        assert cfg.init and cfg.init.endswith("runs/nano-encoders") and cfg.freeze_encoders

@@ -1,0 +1,256 @@
+"""Supervised warm-up of a model's two visual experts on question answering (SPHINX-Nano).
+
+Real SPHINX starts from pretrained CLIP-ConvNeXt and DINOv2 and keeps them frozen. Nano's experts
+have no pretrained weights, and learning vision from scratch through the LLM's loss alone is slow
+(benchmarks/RESULTS.md: 48.6 % after 4000 steps). This stands in for their pretraining: both
+experts encode an image's global view, and a small question-conditioned classifier on top of their
+concatenated tokens predicts each short answer, a word per answer slot or one digit per slot for
+numbers (so "407" is "4", "0", "7", <end>). The classifier is thrown away afterwards; the warmed-up
+experts go into a fresh model directory (random LLM, projector and special embeddings, as
+`build_model` draws them) that the one-stage recipe starts from with `init = ...`.
+
+Any LLaVA JSON with short answers works; answers longer than `SLOTS - 1` pieces are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sphinx_edge.config import SphinxConfig, get_config
+from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, preprocess
+from sphinx_edge.model.sphinx import SphinxModel, build_model
+from sphinx_edge.train.data import DataError, read_conversations
+from sphinx_edge.train.recipe import one_blas_thread
+
+SLOTS = 4  # answer pieces per question, <end> included: numbers up to 3 digits
+END = "<end>"
+
+
+def answer_pieces(answer: str) -> list[str]:
+    """A number is read digit by digit; any other answer is one piece."""
+    answer = " ".join(answer.lower().split())
+    return list(answer) if answer.isdigit() else [answer]
+
+
+class AnswerHead(nn.Module):
+    """Question-conditioned classifier over the experts' tokens, then one answer piece per slot.
+
+    Two views of the tokens are summed with a learned embedding of the question: their max over
+    positions (what is there, wherever it is: in probes on the shape question a ConvNeXt learned
+    this way in 600 steps what a flattened readout had not) and all tokens flattened (where things
+    are: sides, the order of digits)."""
+
+    def __init__(self, vision_dim: int, n_tokens: int, n_questions: int, n_pieces: int, width: int = 512) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_dim)
+        self.pooled = nn.Linear(vision_dim, width)
+        self.reduce = nn.Linear(vision_dim, 64)
+        self.placed = nn.Linear(64 * n_tokens, width)
+        self.question = nn.Embedding(n_questions, width)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, SLOTS * n_pieces))
+        self.n_pieces = n_pieces
+
+    def forward(self, features: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
+        """[B, tokens, vision_dim], [B] -> [B, SLOTS, n_pieces] logits."""
+        x = self.norm(features)
+        x = self.pooled(x.amax(dim=1)) + self.placed(self.reduce(x).flatten(1)) + self.question(questions)
+        return self.mlp(x).view(-1, SLOTS, self.n_pieces)
+
+
+# --- Data: global views cached as uint8 ---------------------------------------------------------
+
+
+# Bicubic resampling overshoots [0, 1] at sharp edges (by up to ~7 %), so the uint8 code spans a
+# little more than that: 1.2 / 255 per step, within 0.01 of the float views once normalised.
+PIXEL_RANGE = (-0.1, 1.1)
+
+
+def _to_uint8(view: np.ndarray, mean, std) -> np.ndarray:
+    lo, hi = PIXEL_RANGE
+    x = view * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return np.clip(np.rint((x - lo) * (255 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _global_views(job: tuple[str, SphinxConfig]) -> tuple[np.ndarray, np.ndarray]:
+    image, config = job
+    try:
+        _, cv, dv = preprocess(image, layout=config.layout, grid=config.grid,
+                               tile_size=config.convnext.image_size, dino_size=config.dinov2.image_size)
+    except ImageLoadError as e:
+        raise DataError(str(e)) from e
+    return _to_uint8(cv[0], CLIP_MEAN, CLIP_STD), _to_uint8(dv[0], IMAGENET_MEAN, IMAGENET_STD)
+
+
+class WarmupData:
+    """Every (image, question, answer pieces) of LLaVA JSON files, with the images' global views in
+    memory as uint8 (Nano's 60,000 views take 3.5 GB)."""
+
+    def __init__(self, json_files: Iterable[str | os.PathLike], config: SphinxConfig, *, limit: int | None = None,
+                 workers: int = 2, progress=None) -> None:
+        records = [r for f in json_files for r in read_conversations(f) if r[0] is not None][:limit]
+        if not records:
+            raise DataError("no records with an image")
+        self.questions: list[str] = []
+        self.pieces: list[str] = [END]
+        q_index: dict[str, int] = {}
+        p_index = {END: 0}
+        rows = []  # (image index, question index, [piece ids])
+        for i, (_, pairs) in enumerate(records):
+            for question, answer in pairs:
+                pieces = answer_pieces(answer)
+                if len(pieces) >= SLOTS:
+                    continue
+                qi = q_index.setdefault(question, len(q_index))
+                ids = [p_index.setdefault(p, len(p_index)) for p in pieces] + [0] * (SLOTS - len(pieces))
+                rows.append((i, qi, ids))
+        self.questions = list(q_index)
+        self.pieces = list(p_index)
+        self.image_index = torch.tensor([r[0] for r in rows])
+        self.question_ids = torch.tensor([r[1] for r in rows])
+        self.targets = torch.tensor([r[2] for r in rows])
+        c = config
+        self.convnext = torch.empty(len(records), 3, c.convnext.image_size, c.convnext.image_size, dtype=torch.uint8)
+        self.dinov2 = torch.empty(len(records), 3, c.dinov2.image_size, c.dinov2.image_size, dtype=torch.uint8)
+        jobs = [(image, config) for image, _ in records]
+        with get_context("fork").Pool(workers, initializer=one_blas_thread, initargs=(0,)) as pool:
+            for i, (cv, dv) in enumerate(pool.imap(_global_views, jobs, chunksize=64)):
+                self.convnext[i], self.dinov2[i] = torch.from_numpy(cv), torch.from_numpy(dv)
+                if progress is not None:
+                    progress(i + 1, len(jobs))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = self.image_index[rows]
+        return (_normalize(self.convnext[images], CLIP_MEAN, CLIP_STD),
+                _normalize(self.dinov2[images], IMAGENET_MEAN, IMAGENET_STD),
+                self.question_ids[rows], self.targets[rows])
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 views (_to_uint8) -> the float views the model takes."""
+    lo, hi = PIXEL_RANGE
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    return (x.float() * ((hi - lo) / 255) + lo - mean) / std
+
+
+# --- Training --------------------------------------------------------------------------------
+
+
+def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_size: int = 128, lr: float = 1e-3,
+                    warmup_steps: int = 50, weight_decay: float = 0.05, seed: int = 0, log=print,
+                    log_every: int = 50) -> tuple[AnswerHead, list[dict]]:
+    """Trains model.convnext and model.dinov2 (in place) with a new AnswerHead; returns the head and the
+    log rows ({"step", "loss", "accuracy"}: accuracy = every slot of the answer right, on the batch)."""
+    torch.manual_seed(seed)
+    cfg = model.config
+    head = AnswerHead(cfg.vision_dim, cfg.convnext.n_patches + 1, len(data.questions), len(data.pieces))
+    encoders = nn.ModuleList([model.convnext, model.dinov2]).train()
+    params = [*encoders.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    gen = torch.Generator().manual_seed(seed)
+    order, pos, rows, t0, window = torch.randperm(len(data), generator=gen), 0, [], time.perf_counter(), []
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=gen), 0
+        cv, dv, questions, targets = data.batch(order[pos:pos + batch_size])
+        pos += batch_size
+        logits = head(model.visual_features(cv, dv), questions)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        window.append((loss.item(), (logits.argmax(-1) == targets).all(-1).float().mean().item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            loss_m, acc_m = np.mean(window, axis=0)
+            row = {"step": step + 1, "loss": float(loss_m), "accuracy": float(acc_m)}
+            rows.append(row)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / (step + 1) * (steps - step - 1)
+            log(f"step {step + 1}/{steps}  loss {loss_m:.3f}  answer accuracy {acc_m:.1%}  "
+                f"{(step + 1) * batch_size / elapsed:.0f} questions/s  eta {eta / 60:.1f} min")
+            window = []
+    encoders.eval()
+    return head.eval(), rows
+
+
+@torch.no_grad()
+def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data: WarmupData,
+                  domains: list[str] | None = None, batch_size: int = 256) -> dict:
+    """Exact match of the warm-up classifier on each image's FIRST question (as `sphinx-edge eval`
+    scores the full model), overall and per domain. `train` gives the question and answer vocabularies."""
+    first = torch.ones(len(data), dtype=torch.bool)
+    first[1:] = data.image_index[1:] != data.image_index[:-1]
+    rows = first.nonzero()[:, 0]
+    q_index = {q: i for i, q in enumerate(train.questions)}
+    p_index = {p: i for i, p in enumerate(train.pieces)}
+    remap_q = torch.tensor([q_index.get(q, -1) for q in data.questions])
+    remap_p = torch.tensor([p_index.get(p, -1) for p in data.pieces])
+    hits = []
+    for chunk in rows.split(batch_size):
+        cv, dv, questions, targets = data.batch(chunk)
+        known = remap_q[questions] >= 0
+        logits = head(model.visual_features(cv, dv), remap_q[questions].clamp(min=0))
+        hits.append((logits.argmax(-1) == remap_p[targets]).all(-1) & known)
+    hits = torch.cat(hits)
+    result = {"accuracy": hits.float().mean().item(), "n": len(hits)}
+    if domains is not None:
+        per = defaultdict(list)
+        for image, hit in zip(data.image_index[rows].tolist(), hits.tolist()):
+            per[domains[image]].append(hit)
+        result["per_domain"] = {d: sum(h) / len(h) for d, h in per.items()}
+    return result
+
+
+def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 2500, batch_size: int = 128,
+         lr: float = 1e-3, limit: int | None = None, seed: int = 0, tokenizer: str | None = None,
+         workers: int = 2, eval_json: str | None = None) -> Path:
+    """Warm up `size`'s experts on `json_files` and save a model directory at `out` (the experts
+    trained, everything else as `build_model(seed=seed)` draws it)."""
+    from rich.progress import Progress
+
+    from sphinx_edge.checkpoints.native import save_native
+
+    config = get_config(size)
+    with Progress() as bar:
+        task = bar.add_task("global views", total=None)
+        data = WarmupData(json_files, config, limit=limit, workers=workers,
+                          progress=lambda i, n: bar.update(task, completed=i, total=n))
+    print(f"{len(data)} questions about {len(data.convnext)} images; {len(data.questions)} distinct questions, "
+          f"{len(data.pieces)} answer pieces", flush=True)
+    model = build_model(config, seed=seed)
+    head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              log=lambda s: print(s, flush=True))
+    if eval_json is not None:
+        held_out = WarmupData([eval_json], config, workers=workers)
+        domains = [r.get("domain", "unknown") for r in json.loads(Path(eval_json).read_text()) if r.get("image")]
+        result = head_accuracy(model, head, data, held_out, domains)
+        per = "  ".join(f"{d} {a:.1%}" for d, a in sorted(result["per_domain"].items()))
+        print(f"experts + warm-up classifier on {eval_json}: {result['accuracy']:.1%} of {result['n']} ({per})",
+              flush=True)
+    path = save_native(model, out, tokenizer=tokenizer)
+    print(f"saved {path}", flush=True)
+    return path

@@ -1,0 +1,85 @@
+"""The experts' supervised warm-up: answers as slots, the data it reads, that it learns, what it saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sphinx_edge.checkpoints import load_model
+from sphinx_edge.config import get_config
+from sphinx_edge.layout import CLIP_STD, IMAGENET_STD, preprocess
+from sphinx_edge.model.sphinx import build_model
+from sphinx_edge.train.data import DataError
+from sphinx_edge.train.encoder_warmup import END, PIXEL_RANGE, SLOTS, WarmupData, answer_pieces, main, warmup_encoders
+from sphinx_edge.train.synthetic import generate
+
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def synth_json(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("warmup"), 24, seed=3, split="train", extra_questions=True)
+
+
+def test_answer_pieces():
+    assert answer_pieces("407") == ["4", "0", "7"]
+    assert answer_pieces(" Red ") == ["red"]
+    assert answer_pieces("left") == ["left"]
+
+
+def test_data_rows_and_views(synth_json):
+    config = get_config("nano")
+    data = WarmupData([synth_json], config, workers=1)
+    records = json.loads(synth_json.read_text())
+    assert len(data.convnext) == len(records)
+    assert len(data) == sum(len(r["conversations"]) // 2 for r in records)  # every answer fits in SLOTS
+    assert data.pieces[0] == END and data.targets.shape == (len(data), SLOTS)
+    # Row 0 is record 0's first question; its target spells the answer, then <end> padding.
+    answer = records[0]["conversations"][1]["value"]
+    pieces = [data.pieces[i] for i in data.targets[0].tolist()]
+    assert pieces == answer_pieces(answer) + [END] * (SLOTS - len(answer_pieces(answer)))
+    # The cached uint8 global views normalise back to the layout's own global views.
+    _, cv, dv = preprocess(synth_json.parent / records[0]["image"], layout=config.layout, grid=config.grid,
+                           tile_size=config.convnext.image_size, dino_size=config.dinov2.image_size)
+    got_cv, got_dv, _, _ = data.batch(torch.tensor([0]))
+    half_step = (PIXEL_RANGE[1] - PIXEL_RANGE[0]) / 255 / 2  # the uint8 code's rounding, in pixel units
+    assert (got_cv[0] - torch.from_numpy(cv[0])).abs().max() <= half_step / min(CLIP_STD) + 1e-5
+    assert (got_dv[0] - torch.from_numpy(dv[0])).abs().max() <= half_step / min(IMAGENET_STD) + 1e-5
+
+
+def test_bad_image_is_a_data_error(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    make_image(40, 30).save(tmp_path / "ok.png")
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    records = [{"image": "ok.png", "conversations": conv}, {"image": "broken.png", "conversations": conv}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match="broken.png"):
+        WarmupData([tmp_path / "d.json"], get_config("nano"), workers=1)
+
+
+def test_warmup_learns_and_trains_only_the_experts(synth_json):
+    config = get_config("nano")
+    data = WarmupData([synth_json], config, workers=1)
+    model = build_model(config, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, rows = warmup_encoders(model, data, steps=30, batch_size=16, lr=3e-3, warmup_steps=5, log=lambda s: None,
+                           log_every=10)
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("convnext.", "dinov2.")) for k in changed)
+    assert any(k.startswith("convnext.") for k in changed) and any(k.startswith("dinov2.") for k in changed)
+
+
+def test_main_writes_a_model_the_recipe_can_start_from(synth_json, tmp_path, tokenizer_file, capsys):
+    out = main([str(synth_json)], str(tmp_path / "warm"), steps=2, batch_size=8, workers=1, tokenizer=tokenizer_file,
+               eval_json=str(synth_json))
+    model = load_model(out)
+    fresh = build_model(get_config("nano"), seed=0)
+    assert torch.equal(model.llm.output.weight, fresh.llm.output.weight)  # the LLM is as build_model draws it
+    assert not torch.equal(model.convnext.stem[0].weight, fresh.convnext.stem[0].weight)
+    assert (out / "tokenizer.model").is_file()
+    scored = capsys.readouterr().out.split("experts + warm-up classifier on ")[1]
+    assert "of 24 (" in scored and all(d in scored for d in ("colour", "count", "shape", "text", "position"))
