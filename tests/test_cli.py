@@ -79,7 +79,7 @@ def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
 
 
 def test_data_train_eval_and_chat_commands(tmp_path):
-    """The nano pipeline's commands (`make nano`), end to end on a tiny run."""
+    """The nano pipeline's commands (`make nano`, and the warm-up of recipes/nano-warm.toml), end to end on a tiny run."""
     import json
 
 

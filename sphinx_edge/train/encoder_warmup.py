@@ -7,7 +7,8 @@ experts encode an image's global view, and a small question-conditioned classifi
 concatenated tokens predicts each short answer, a word per answer slot or one digit per slot for
 numbers (so "407" is "4", "0", "7", <end>). The classifier is thrown away afterwards; the warmed-up
 experts go into a fresh model directory (random LLM, projector and special embeddings, as
-`build_model` draws them) that the one-stage recipe starts from with `init = ...`.
+`build_model` draws them) that the one-stage recipe starts from with `init = ...`
+(recipes/nano-warm.toml).
 
 Any LLaVA JSON with short answers works; answers longer than `SLOTS - 1` pieces are skipped.
 """
@@ -45,28 +46,31 @@ def answer_pieces(answer: str) -> list[str]:
 
 
 class AnswerHead(nn.Module):
-    """Question-conditioned classifier over the experts' tokens, then one answer piece per slot.
+    """Question-conditioned classifier that reads the experts' tokens as an unordered set.
 
-    Two views of the tokens are summed with a learned embedding of the question: their max over
-    positions (what is there, wherever it is: in probes on the shape question a ConvNeXt learned
-    this way in 600 steps what a flattened readout had not) and all tokens flattened (where things
-    are: sides, the order of digits)."""
+    Each answer slot asks with a query (question embedding + slot embedding) through attention over
+    the tokens, which carry no position of their own here. So "which side" or "which digit comes
+    first" can only be answered if the experts' features say where things are: as the LLM reads them
+    later. (A first version flattened the tokens, so the head knew each token's place; its experts
+    scored 100 % on position questions, but the LLM on top of them, frozen, stayed at chance.)"""
 
-    def __init__(self, vision_dim: int, n_tokens: int, n_questions: int, n_pieces: int, width: int = 512) -> None:
+    def __init__(self, vision_dim: int, n_questions: int, n_pieces: int, width: int = 256, heads: int = 4) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(vision_dim)
-        self.pooled = nn.Linear(vision_dim, width)
-        self.reduce = nn.Linear(vision_dim, 64)
-        self.placed = nn.Linear(64 * n_tokens, width)
+        self.tokens = nn.Linear(vision_dim, width)
         self.question = nn.Embedding(n_questions, width)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, SLOTS * n_pieces))
-        self.n_pieces = n_pieces
+        self.slot = nn.Parameter(torch.randn(SLOTS, width) * 0.02)
+        self.attend = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.pooled = nn.Linear(vision_dim, width)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, n_pieces))
 
     def forward(self, features: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
         """[B, tokens, vision_dim], [B] -> [B, SLOTS, n_pieces] logits."""
         x = self.norm(features)
-        x = self.pooled(x.amax(dim=1)) + self.placed(self.reduce(x).flatten(1)) + self.question(questions)
-        return self.mlp(x).view(-1, SLOTS, self.n_pieces)
+        tokens = self.tokens(x)
+        queries = self.question(questions)[:, None] + self.slot[None]  # [B, SLOTS, width]
+        read, _ = self.attend(queries, tokens, tokens, need_weights=False)
+        return self.mlp(queries + read + self.pooled(x.amax(dim=1))[:, None])
 
 
 # --- Data: global views cached as uint8 ---------------------------------------------------------
@@ -158,7 +162,7 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
     log rows ({"step", "loss", "accuracy"}: accuracy = every slot of the answer right, on the batch)."""
     torch.manual_seed(seed)
     cfg = model.config
-    head = AnswerHead(cfg.vision_dim, cfg.convnext.n_patches + 1, len(data.questions), len(data.pieces))
+    head = AnswerHead(cfg.vision_dim, len(data.questions), len(data.pieces))
     encoders = nn.ModuleList([model.convnext, model.dinov2]).train()
     params = [*encoders.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)

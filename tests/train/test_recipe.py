@@ -111,5 +111,5 @@ def test_shipped_recipes_load(recipe):
     cfg = TrainConfig.load(recipe)
     get_config(cfg.size)  # a known size
     assert cfg.data and cfg.steps > 0 and cfg.batch_size > 0
-    if cfg.size == "nano":  # starts from the experts `sphinx-edge warmup-encoders` writes (make nano)
+    if recipe.stem == "nano-warm":  # starts from the experts `sphinx-edge warmup-encoders` writes
         assert cfg.init and cfg.init.endswith("runs/nano-encoders") and cfg.freeze_encoders
