@@ -88,6 +88,8 @@ def _to_uint8(view: np.ndarray, mean, std) -> np.ndarray:
 
 
 def _global_views(job: tuple[str, SphinxConfig]) -> tuple[np.ndarray, np.ndarray]:
+    """The image's global views, cut by the layout's own preprocess (its tiles are discarded) so they
+    match what the model sees later exactly."""
     image, config = job
     try:
         _, cv, dv = preprocess(image, layout=config.layout, grid=config.grid,
@@ -106,8 +108,6 @@ class WarmupData:
         records = [r for f in json_files for r in read_conversations(f) if r[0] is not None][:limit]
         if not records:
             raise DataError("no records with an image")
-        self.questions: list[str] = []
-        self.pieces: list[str] = [END]
         q_index: dict[str, int] = {}
         p_index = {END: 0}
         rows = []  # (image index, question index, [piece ids])
@@ -119,8 +119,8 @@ class WarmupData:
                 qi = q_index.setdefault(question, len(q_index))
                 ids = [p_index.setdefault(p, len(p_index)) for p in pieces] + [0] * (SLOTS - len(pieces))
                 rows.append((i, qi, ids))
-        self.questions = list(q_index)
-        self.pieces = list(p_index)
+        self.questions: list[str] = list(q_index)
+        self.pieces: list[str] = list(p_index)  # END first
         self.image_index = torch.tensor([r[0] for r in rows])
         self.question_ids = torch.tensor([r[1] for r in rows])
         self.targets = torch.tensor([r[2] for r in rows])
