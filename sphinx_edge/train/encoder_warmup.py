@@ -16,7 +16,6 @@ Any LLaVA JSON with short answers works; answers longer than `SLOTS - 1` pieces 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from sphinx_edge.config import SphinxConfig, get_config
 from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, preprocess
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import DataError, read_conversations
-from sphinx_edge.train.recipe import one_blas_thread
+from sphinx_edge.train.recipe import one_blas_thread, warmup_cosine
 
 SLOTS = 4  # answer pieces per question, <end> included: numbers up to 3 digits
 END = "<end>"
@@ -167,12 +166,8 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
     params = [*encoders.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, min_ratio=0.05))
     gen = torch.Generator().manual_seed(seed)
     order, pos, rows, t0, window = torch.randperm(len(data), generator=gen), 0, [], time.perf_counter(), []
     for step in range(steps):
