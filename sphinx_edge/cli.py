@@ -665,14 +665,22 @@ def data_synth(
     extra_questions: Annotated[bool, typer.Option(
         help="Training records also ask every other fact of their image (held-out ones ask one question).")] = True,
     workers: Annotated[int, typer.Option(help="Processes drawing images (the output is the same for any number).")] = 1,
+    domains: Annotated[Optional[str], typer.Option(
+        help="Comma-separated subset of colour,count,shape,text,position (default: all five).")] = None,
 ) -> None:
     """Generate the synthetic multi-domain VQA set (colour, count, shape, text, position)."""
+    from sphinx_edge.train.synthetic import DOMAINS
     from sphinx_edge.train.synthetic import generate as synth
 
+    chosen = tuple(d.strip() for d in domains.split(",") if d.strip()) if domains else DOMAINS
+    unknown = sorted(set(chosen) - set(DOMAINS))
+    if unknown or not chosen:
+        fail(f"--domains: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(DOMAINS)}")
     with console.status(f"writing {train_n} + {test_n} images to {out}"):
-        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers)
-        synth(out, test_n, seed=seed + 1, split="test", workers=workers)
-    console.print(f"wrote {out / 'train.json'} and {out / 'test.json'}")
+        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers, domains=chosen)
+        if test_n:
+            synth(out, test_n, seed=seed + 1, split="test", workers=workers, domains=chosen)
+    console.print(f"wrote {out / 'train.json'}" + (f" and {out / 'test.json'}" if test_n else ""))
 
 
 @data_app.command("tokenizer")

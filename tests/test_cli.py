@@ -85,6 +85,12 @@ def test_data_train_eval_and_chat_commands(tmp_path):
 
     code, out = run("data", "synth", "--out", tmp_path / "data", "--train", "40", "--test", "10")
     assert code == 0, out
+    code, out = run("data", "synth", "--out", tmp_path / "reading", "--train", "9", "--test", "0", "--domains", "text")
+    assert code == 0, out
+    assert {r["domain"] for r in json.loads((tmp_path / "reading" / "train.json").read_text())} == {"text"}
+    assert not (tmp_path / "reading" / "test.json").exists()
+    code, out = run("data", "synth", "--out", tmp_path / "bad", "--domains", "text,words")
+    assert code == 2 and "words" in out and not (tmp_path / "bad").exists()
     code, out = run("data", "tokenizer", tmp_path / "data" / "train.json", "--out", tmp_path / "tok.model",
                     "--vocab-size", "256")
     assert code == 2 and "too small" in out

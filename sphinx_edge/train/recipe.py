@@ -63,6 +63,7 @@ class TrainConfig:
     dtype: str = "bf16"  # autocast dtype: bf16 or fp32 (no autocast)
     activation_checkpointing: bool = True
     freeze_encoders: bool = True  # SPHINX freezes both visual experts
+    encoder_lr_ratio: float = 1.0  # trained experts (freeze_encoders = false) learn at this fraction of lr
     vqa_suffix: bool = False
     seed: int = 0
     log_every: int = 10
@@ -158,12 +159,19 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
 
 
 def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW; weight decay on matrices only; the experts, when trained, at encoder_lr_ratio x lr (the
+    schedule scales every group alike)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+            decay = p.ndim >= 2 and "embed" not in name
+            expert = name.startswith(("convnext.", "dinov2."))
+            groups.setdefault((decay, expert), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+          "lr": cfg.lr * (cfg.encoder_lr_ratio if expert else 1.0)}
+         for (decay, expert), params in sorted(groups.items())],
+        lr=cfg.lr, betas=cfg.betas)
 
 
 def warmup_cosine(step: int, steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -308,10 +308,13 @@ def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:16], "big"))
 
 
-def _plan(n: int, seed: int, split: str) -> list[tuple[str, str]]:
+def _plan(n: int, seed: int, split: str, domains: Sequence[str] = DOMAINS) -> list[tuple[str, str]]:
     """(domain, aspect) per sample: shuffled blocks of every combination, so both are balanced."""
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown or not domains:
+        raise ValueError(f"unknown domains {unknown}: choose from {', '.join(DOMAINS)}")
     rng = _rng(seed, split, "plan")
-    combos = [(d, a) for d in DOMAINS for a in ASPECTS]
+    combos = [(d, a) for d in DOMAINS if d in domains for a in ASPECTS]
     plan: list[tuple[str, str]] = []
     while len(plan) < n:
         block = combos[:]
@@ -347,18 +350,19 @@ def _write_sample(job: tuple) -> dict:
 
 
 def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_questions: bool = False,
-             workers: int = 1) -> Path:
+             workers: int = 1, domains: Sequence[str] = DOMAINS) -> Path:
     """Write ``n`` samples to ``out_dir/images/{split}_{i:06d}.png`` and ``out_dir/{split}.json``.
 
     The json is a LLaVA conversation list; each record also carries ``domain`` and ``aspect``
     (``"w:h"``). With ``extra_questions`` a record's conversation goes on, after its domain's own
     question, with every other question its image answers (the images are the same either way).
     Deterministic: the same (seed, split, n, extra_questions) gives the same bytes, with any number
-    of worker processes. Returns the json path."""
+    of worker processes. ``domains`` limits the set to some domains (a reading-only set, say).
+    Returns the json path."""
     out_dir = Path(out_dir)
+    plan = _plan(n, seed, split, domains)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, split, i, domain, aspect, extra_questions)
-            for i, (domain, aspect) in enumerate(_plan(n, seed, split))]
+    jobs = [(out_dir, seed, split, i, domain, aspect, extra_questions) for i, (domain, aspect) in enumerate(plan)]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             records = pool.map(_write_sample, jobs, chunksize=64)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sphinx_edge.train.recipe import TrainConfig, lr_factor, parse_overrides, train
 
@@ -98,6 +99,24 @@ def test_schedule_and_overrides():
     assert parse_overrides(["steps=5", "dtype=bf16", "betas=[0.9,0.99]", "init=null"]) == {
         "steps": 5, "dtype": "bf16", "betas": [0.9, 0.99], "init": None}
 
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_optimizer_groups_give_the_experts_their_own_learning_rate(freeze):
+    from sphinx_edge.train.recipe import make_optimizer, prepare_model
+
+    cfg = TrainConfig(size="test-tiny", out_dir="x", data=[], tokenizer="t", lr=2e-3, encoder_lr_ratio=0.25,
+                      weight_decay=0.1, freeze_encoders=freeze)
+    model = prepare_model(cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(lr_of) == len(trainable)  # every trainable parameter exactly once, nothing frozen
+    for name, p in trainable.items():
+        lr, decay = lr_of[id(p)]
+        assert lr == pytest.approx(5e-4 if name.startswith(("convnext.", "dinov2.")) else 2e-3), name
+        assert decay == (0.1 if p.ndim >= 2 and "embed" not in name else 0.0), name
+    assert any(n.startswith("convnext.") for n in trainable) != freeze
 
 def test_unknown_recipe_keys_are_refused(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match="unknown recipe keys \\['stepz'\\]"):

@@ -18,10 +18,13 @@ from sphinx_edge.train.synthetic import (
     ASPECTS,
     COLOURS,
     DOMAINS,
+    QUESTIONS,
     SHAPES,
+    answer_of,
     evaluate,
     generate,
     normalize_answer,
+    question_of,
 )
 
 N = 200
@@ -281,6 +284,21 @@ def test_splits_do_not_share_images(tmp_path):
     assert not tr_h & te_h
     # the train split is still intact after writing the test split next to it
     assert _file_digests(train) == before
+
+
+
+def test_domain_subset_is_balanced_over_aspects(tmp_path):
+    path = generate(tmp_path, 2 * len(ASPECTS), seed=3, domains=("text",))
+    recs = json.loads(path.read_text())
+    assert {r["domain"] for r in recs} == {"text"}
+    assert Counter(r["aspect"] for r in recs) == {a: 2 for a in ASPECTS}
+    assert all(question_of(r) == QUESTIONS["text"] and answer_of(r).isdigit() for r in recs)
+
+
+def test_unknown_domain_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown domains.*'words'"):
+        generate(tmp_path / "d", 5, seed=0, domains=("text", "words"))
+    assert not (tmp_path / "d").exists()
 
 
 # --------------------------------------------------------------------------- evaluator
