@@ -79,7 +79,7 @@ def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
 
 
 def test_data_train_eval_and_chat_commands(tmp_path):
-    """The nano pipeline's commands (`make nano`, and the warm-up of recipes/nano-warm.toml), end to end on a tiny run."""
+    """The nano pipeline's commands (`make nano`: data, reading set, tokenizer, warm-up, recipe, eval, chat), end to end on a tiny run."""
     import json
 
 
@@ -106,9 +106,10 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'size = "nano"\nout_dir = "{tmp_path / "run"}"\ntokenizer = "{tmp_path / "tok.model"}"\n'
-        f'init = "{tmp_path / "warm"}"\nfreeze_encoders = true\n'
+        f'init = "{tmp_path / "warm"}"\nfreeze_encoders = false\nencoder_lr_ratio = 0.5\n'
         'steps = 2\nbatch_size = 2\nmax_len = 256\ndtype = "fp32"\nlog_every = 1\n'
-        f'[[data]]\njson = "{tmp_path / "data" / "train.json"}"\n')
+        f'[[data]]\njson = "{tmp_path / "data" / "train.json"}"\nweight = 0.8\n'
+        f'[[data]]\njson = "{tmp_path / "reading" / "train.json"}"\nweight = 0.2\n')
     code, out = run("train", recipe, "lr=0.001")
     assert code == 0, out
     assert "step 2/2" in out
@@ -116,8 +117,9 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert code == 0, out
     from safetensors.torch import load_file
 
-    exported, final = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("exported", "run/model"))
+    exported, final, warm = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("exported", "run/model", "warm"))
     assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
+    assert not (final["convnext.stem.0.weight"] == warm["convnext.stem.0.weight"]).all()  # the experts train on
     code, out = run("eval", "--checkpoint", tmp_path / "run" / "model", "--data", tmp_path / "data" / "test.json",
                     "--limit", "4", "--json", tmp_path / "scores.json")
     assert code == 0, out

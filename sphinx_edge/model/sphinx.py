@@ -10,7 +10,6 @@ place. The image tokens follow BOS; text follows them (DESIGN.md 2.1, 2.2).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 
 import torch
@@ -86,11 +85,11 @@ def count_parameters(module: nn.Module) -> int:
 def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
     """Random initialisation for training from scratch and latency work.
 
-    ConvNeXt convolutions and MLPs get He (fan-in) normal weights and layer scales of 1, rather than
-    timm's std 0.02 and 1e-6: that near-identity start hid export bugs behind vanishing activations,
-    and it learned from scratch about 2.5x more slowly (a probe reading Nano's numbers: 27 % against
-    11 % held-out after 800 steps; benchmarks/RESULTS.md, session 7). Everything else is normal(std).
-    """
+    ConvNeXt convolutions and MLPs get He (fan-in) normal weights and layer scales of 1. timm's std
+    0.02 and layer scale 1e-6 start it as a near-identity map, which would hide export bugs behind
+    vanishing activations and learns slowly from scratch: with std 0.02 and layer scales of 0.1,
+    a probe reading Nano's numbers scored 11 % held-out after 800 steps against 27 % with these
+    (benchmarks/RESULTS.md, session 7). Everything else is normal(std)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def normal_(t: torch.Tensor, s: float = std) -> None:

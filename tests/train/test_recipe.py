@@ -130,5 +130,6 @@ def test_shipped_recipes_load(recipe):
     cfg = TrainConfig.load(recipe)
     get_config(cfg.size)  # a known size
     assert cfg.data and cfg.steps > 0 and cfg.batch_size > 0
-    if recipe.stem == "nano-warm":  # starts from the experts `sphinx-edge warmup-encoders` writes
-        assert cfg.init and cfg.init.endswith("runs/nano-encoders") and cfg.freeze_encoders
+    if recipe.stem == "nano":  # starts from the experts `sphinx-edge warmup-encoders` writes, and trains them on
+        assert cfg.init and cfg.init.endswith("runs/nano-encoders") and not cfg.freeze_encoders
+        assert 0 < cfg.encoder_lr_ratio < 1 and len(cfg.data) == 2
