@@ -673,11 +673,12 @@ def data_synth(
     from sphinx_edge.train.synthetic import generate as synth
 
     chosen = tuple(d.strip() for d in domains.split(",") if d.strip()) if domains else DOMAINS
-    unknown = sorted(set(chosen) - set(DOMAINS))
-    if unknown or not chosen:
-        fail(f"--domains: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(DOMAINS)}")
     with console.status(f"writing {train_n} + {test_n} images to {out}"):
-        synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers, domains=chosen)
+        try:  # generate checks the domains before it writes anything
+            synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers,
+                  domains=chosen)
+        except ValueError as e:
+            fail(f"--domains: {e}")
         if test_n:
             synth(out, test_n, seed=seed + 1, split="test", workers=workers, domains=chosen)
     console.print(f"wrote {out / 'train.json'}" + (f" and {out / 'test.json'}" if test_n else ""))
