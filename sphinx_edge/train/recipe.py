@@ -161,12 +161,12 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
 def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only; the experts, when trained, at encoder_lr_ratio x lr (the
     schedule scales every group alike)."""
+    experts = {id(p) for encoder in (model.convnext, model.dinov2) for p in encoder.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             decay = p.ndim >= 2 and "embed" not in name
-            expert = name.startswith(("convnext.", "dinov2."))
-            groups.setdefault((decay, expert), []).append(p)
+            groups.setdefault((decay, id(p) in experts), []).append(p)
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
           "lr": cfg.lr * (cfg.encoder_lr_ratio if expert else 1.0)}
