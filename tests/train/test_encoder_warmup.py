@@ -12,7 +12,7 @@ from sphinx_edge.config import get_config
 from sphinx_edge.layout import CLIP_STD, IMAGENET_STD, preprocess
 from sphinx_edge.model.sphinx import build_model
 from sphinx_edge.train.data import DataError
-from sphinx_edge.train.encoder_warmup import END, PIXEL_RANGE, SLOTS, WarmupData, answer_pieces, main, warmup_encoders
+from sphinx_edge.train.encoder_warmup import END, PIXEL_RANGE, SLOTS, AnswerHead, WarmupData, answer_pieces, main, warmup_encoders
 from sphinx_edge.train.synthetic import generate
 
 from tests.conftest import make_image
@@ -27,6 +27,20 @@ def test_answer_pieces():
     assert answer_pieces("407") == ["4", "0", "7"]
     assert answer_pieces(" Red ") == ["red"]
     assert answer_pieces("left") == ["left"]
+
+
+def test_answer_head_reads_the_tokens_as_a_set():
+    # No token index reaches the answer, as none reaches the LLM: the experts' features must say
+    # where things are. Shuffling the tokens changes nothing; changing one token does.
+    torch.manual_seed(0)
+    head = AnswerHead(vision_dim=24, n_questions=3, n_pieces=7).eval()
+    features, questions = torch.randn(2, 17, 24), torch.tensor([0, 2])
+    logits = head(features, questions)
+    assert logits.shape == (2, SLOTS, 7)
+    torch.testing.assert_close(head(features[:, torch.randperm(17)], questions), logits, rtol=1e-5, atol=1e-5)
+    changed = features.clone()
+    changed[:, 5] = torch.randn(2, 24)  # (a constant shift would vanish in the LayerNorm)
+    assert not torch.allclose(head(changed, questions), logits, atol=1e-4)
 
 
 def test_data_rows_and_views(synth_json):
