@@ -72,11 +72,10 @@ class AnswerHead(nn.Module):
         """[B, tokens, vision_dim], [B] -> [B, SLOTS, n_pieces] logits."""
         x = self.norm(features)
         b, t, _ = x.shape
-        width = self.slot.shape[1]
         k = self.keys(x).view(b, t, self.heads, -1).transpose(1, 2)  # [B, heads, tokens, d]
         v = self.values(x).view(b, t, self.heads, -1).transpose(1, 2)
         q = self.queries(questions).view(b, SLOTS, self.heads, -1).transpose(1, 2)  # [B, heads, SLOTS, d]
-        read = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, SLOTS, width)
+        read = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, SLOTS, -1)
         z = read + self.question(questions)[:, None] + self.mean(x.mean(dim=1))[:, None] + self.slot
         return self.mlp(z)
 
