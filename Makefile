@@ -17,12 +17,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sphinx-edge demo
 
-# System tools and npm packages of the on-device tests: cmake, g++, the aarch64 cross compiler, qemu-user
-# and the aarch64 ExecuTorch libraries (C++ runner); chromium, Node.js packages (browser demo). Best effort:
-# without root or apt the scripts print what to install, and those tests skip saying so.
-deps: $(STAMP)
-	-PYTHON=$(BIN)/python bash runtime/cpp/install-deps.sh
-	-bash runtime/web/install-deps.sh
+# What the tests of the device paths and the peer comparison need: cmake, g++, the aarch64 cross compiler,
+# qemu-user, the aarch64 ExecuTorch libraries (C++ runner) and clang's libFuzzer (its request reader);
+# chromium and the Node.js packages (browser demo); llama.cpp and onnxruntime-genai (the peers extra,
+# compiled by pip: a few minutes once). A step that fails fails `make deps` (and so `make test`): the
+# scripts install with apt-get as root and otherwise say what to install. SPHINX_EDGE_SKIP_DEPS=1 lets
+# `make test` go on without them; their tests then skip, saying what is missing (under CI=true they fail).
+PEERS := $(VENV)/.peers
+deps: $(STAMP) $(PEERS)
+	PYTHON=$(abspath $(BIN))/python bash runtime/cpp/install-deps.sh
+	bash runtime/web/install-deps.sh
+
+$(PEERS): $(STAMP)
+	$(BIN)/pip install -q -e ".[peers]"
+	touch $(PEERS)
 
 test: $(STAMP) deps
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,8 +1,9 @@
 """`export_model`: a SPHINX model -> an export directory (graphs, tokenizer, manifest.json).
 
-Everything is written into a staging directory beside the target and renamed into place at the
-end, manifest last: an interrupted export leaves no directory that looks finished. An existing
-target that holds another export (or anything else) is refused unless `overwrite`.
+Everything is written into a staging directory beside the target and swapped into place at the
+end, manifest last: an interrupted export leaves no directory that looks finished, and an export
+it replaces stays whole until then. A target that holds an export is replaced only with
+`overwrite`; one that holds anything else (the user's files) never is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sphinx_edge.export.memory import release_memory
+from sphinx_edge.io import publish_mode, replace_dir
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
@@ -26,6 +28,7 @@ from sphinx_edge.tokenizer import Tokenizer
 FORMATS = ("onnx", "pte")
 COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
                "(ExecuTorch's Core ML runtime); check it there with `sphinx-edge run`")
+STAGING_MARK = ".sphinx-edge-staging"  # in a staging directory: the exporting process's id
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "sphinx_edge" / "assets" / "wide_2x1.png"
 
 
@@ -94,27 +97,52 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
 
 
 def check_target(out_dir: Path, overwrite: bool) -> None:
-    """Refuses a non-empty target unless `overwrite`, naming what it holds."""
+    """Refuses a target that holds anything but a sphinx-edge export, and an export unless `overwrite`.
+    A directory with files the manifest does not list is never replaced: they may be the user's."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    if not any(out_dir.iterdir()) or overwrite:
+        raise ExportError(f"{out_dir} exists and is not a directory; choose another --out")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
         return
     try:
-        held = read_manifest(out_dir)["model"].get("name", "?")
-        what = f"an export of {held!r}"
+        manifest: dict | None = read_manifest(out_dir)
     except ManifestError:
-        what = "files that are not a finished sphinx-edge export"
-    raise ExportError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out")
+        manifest = None
+    listed = set(manifest["files"]) | {MANIFEST} if manifest else set()
+    foreign = [name for name in entries if name not in listed]
+    if foreign:
+        what = "files that are not part of a sphinx-edge export" if manifest is None else \
+            "an export and files it did not write"
+        raise ExportError(f"{out_dir} holds {what} ({_listing(foreign)}); nothing was changed: "
+                          "give --out a new or empty directory")
+    if not overwrite:
+        raise ExportError(f"{out_dir} already holds an export of {manifest['model'].get('name', '?')!r}; "
+                          "pass --overwrite to replace it, or choose another --out")
 
 
-def sweep_stale_stages(out_dir: Path) -> list[Path]:
-    """Removes the staging directories of exports to `out_dir` whose process is gone (killed by
-    the kernel, say, where no `finally` runs); returns what it removed."""
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def new_stage(out_dir: Path) -> Path:
+    """A private staging directory beside `out_dir`, marked with this process's id so that a later
+    export can sweep it if this process dies without cleaning up (SIGKILL, the OOM killer)."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    (stage / STAGING_MARK).write_text(str(os.getpid()), encoding="utf-8")
+    return stage
+
+
+def sweep_stale_stages(parent: Path) -> list[Path]:
+    """Removes the staging directories in `parent` whose export process is gone; returns them."""
     removed = []
-    for stage in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
-        pid = stage.name[len(out_dir.name) + 2:].split(".")[0]
+    for stage in parent.glob(".*.partial"):
+        try:
+            pid = (stage / STAGING_MARK).read_text(encoding="utf-8").strip()
+        except OSError:  # not a directory of ours, or not readable
+            continue
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stage, ignore_errors=True)
             removed.append(stage)
@@ -128,7 +156,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass(frozen=True)
@@ -184,15 +215,13 @@ def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpti
 
 
 def _in_own_process(stage_fn, *args):
-    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh, spawned process.
-    Whatever the stage leaves behind (torch export caches, quantizer graphs, heap fragments: about
-    5 GB after the ONNX stage of SPHINX-Tiny, 13 GB after its ExecuTorch stage) goes back to the
-    OS when the process ends."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh, spawned process
+    that dies with this one. Whatever the stage leaves behind (torch export caches, quantizer
+    graphs, heap fragments: about 5 GB after the ONNX stage of SPHINX-Tiny, 13 GB after its
+    ExecuTorch stage) goes back to the OS when the process ends."""
+    from sphinx_edge.processes import run_in_child
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(stage_fn, *args, _quiet_stage).result()
+    return run_in_child(stage_fn, *args, _quiet_stage)
 
 
 def _quiet_stage(stage: str) -> None:  # a child process has no progress bar to update
@@ -233,8 +262,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         config = current.config
     check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_stages(out_dir)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
+    sweep_stale_stages(out_dir.parent)
+    stage = new_stage(out_dir)
     started = time.perf_counter()
     try:
         graphs: dict[str, dict] = {}
@@ -267,7 +296,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                              "vision": options.vision,
                              "embedding": options.embedding_quant},
             "tokenizer": "tokenizer.model",
-            "files": {f.name: file_entry(f) for f in sorted(stage.iterdir()) if f.is_file()},
+            "files": {f.name: file_entry(f) for f in sorted(stage.iterdir()) if f.is_file() and f.name != STAGING_MARK},
             "graphs": graphs,
             "tools": _tool_versions(),
         }
@@ -277,9 +306,10 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
             manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, say)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        stage.rename(out_dir)
+        (stage / STAGING_MARK).unlink()
+        publish_mode(stage)
+        check_target(out_dir, overwrite)  # again: the user may have put files there meanwhile
+        replace_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -53,7 +53,42 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("model", "files", "graphs"):
         if key not in manifest:
             raise ManifestError(f"{path} lacks the {key!r} section")
+    _check_structure(manifest, path)
     return manifest
+
+
+def _check_structure(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's shape, and every file it names confined to the export directory: a file
+    entry is a plain name (no directory part, no "..", not absolute) with a size and a SHA-256."""
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise ManifestError(f"{path}: 'files' must map file names to entries")
+    for name, entry in files.items():
+        check_file_name(name, path)
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
+                and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in entry["sha256"])):
+            raise ManifestError(f"{path}: the entry of {name!r} needs 'bytes' (a size) and 'sha256' (64 hex digits)")
+    if not isinstance(manifest["model"], dict) or not isinstance(manifest["model"].get("config"), dict):
+        raise ManifestError(f"{path}: 'model' must hold the model's 'config'")
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
+        raise ManifestError(f"{path}: 'graphs' must map each format to its components")
+    for fmt, components in graphs.items():
+        for component, graph in components.items():
+            names = graph.get("files") if isinstance(graph, dict) else None
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in files for n in names):
+                raise ManifestError(f"{path}: graph {fmt}/{component} must list its files, each one in 'files'")
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None and tokenizer not in files:
+        raise ManifestError(f"{path}: the tokenizer {tokenizer!r} is not in 'files'")
+
+
+def check_file_name(name: Any, manifest_path: Path) -> None:
+    """A manifest's file names are plain names inside the export directory."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or name == MANIFEST):
+        raise ManifestError(f"{manifest_path}: {name!r} is not a file name inside the export directory")
 
 
 def check_files(export_dir: str | os.PathLike, manifest: dict[str, Any], names: list[str] | None = None) -> None:

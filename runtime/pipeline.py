@@ -19,14 +19,10 @@ import numpy as np
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, image_segments, pack_views, preprocess
-from sphinx_edge.prompt import Turn, format_prompt
+from sphinx_edge.prompt import ContextOverflowError, Turn, answer_room, format_prompt, turns_to_drop
 from sphinx_edge.runtime.backends import BACKENDS
 from sphinx_edge.runtime.manifest import ManifestError, check_files, graph_files, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
-
-
-class ContextOverflowError(ValueError):
-    """The prompt (image tokens included) does not fit the model's context."""
 
 
 @dataclass
@@ -38,6 +34,7 @@ class Answer:
     image_tokens: int
     stop_reason: str  # "stop", "eos" or "length"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    dropped_turns: int = 0  # oldest turns of the conversation dropped so that this one fits
 
 
 class Pipeline:
@@ -126,12 +123,17 @@ class Chat:
             self._image_embeds, self._image_timings = p.encode_image(self.image)
             timings.update(self._image_timings)
         n_image = 0 if self._image_embeds is None else len(self._image_embeds)
+        # When the history no longer fits (with room for the answer), the oldest turns go; BOS and
+        # the image stay, so the cache keeps them and only the text after the system prompt is redone.
+        dropped = turns_to_drop(self.turns, question, lambda turns: n_image + len(tok.encode(format_prompt(turns), bos=True)),
+                                backend.max_seq_len - answer_room(max_new_tokens, backend.max_seq_len))
+        self.turns = self.turns[dropped:]
         ids = tok.encode(format_prompt([*self.turns, (question, None)]), bos=True)
         prompt_len = n_image + len(ids)
         if prompt_len >= backend.max_seq_len:
             raise ContextOverflowError(
                 f"the conversation takes {prompt_len} tokens ({n_image} for the image); the context holds "
-                f"{backend.max_seq_len}. Start a new chat or ask a shorter question.")
+                f"{backend.max_seq_len}: ask a shorter question.")
         max_new_tokens = min(max_new_tokens, backend.max_seq_len - prompt_len)
 
         t0 = time.perf_counter()
@@ -158,7 +160,7 @@ class Chat:
         timings["decode"] = time.perf_counter() - decode_start
         timings["decode_tokens"] = float(max(len(stream.ids) - 1, 0))
         self.turns.append((question, stream.text.strip()))
-        return Answer(stream.text, stream.ids, prompt_len, prefilled, n_image, stop_reason, timings)
+        return Answer(stream.text, stream.ids, prompt_len, prefilled, n_image, stop_reason, timings, dropped)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -26,9 +26,9 @@ import numpy as np
 
 from sphinx_edge.io import atomic_path
 from sphinx_edge.layout import ImageSource
-from sphinx_edge.prompt import STOP_STRINGS
+from sphinx_edge.prompt import STOP_STRINGS, ContextOverflowError
 from sphinx_edge.runtime.multimodal_inputs import Segment, build_inputs, sequence_length
-from sphinx_edge.runtime.pipeline import ContextOverflowError, Pipeline
+from sphinx_edge.runtime.pipeline import Pipeline
 from sphinx_edge.tokenizer import Tokenizer
 
 MAGIC = b"SPHXREQ1"

@@ -1,33 +1,64 @@
-"""`sphinx-edge`: the command line. Wiring only; heavy imports happen inside the commands."""
+"""`sphinx-edge`: the command line. Wiring only; heavy imports happen inside the commands.
+
+Every command runs behind one error boundary (sphinx_edge.errors): an expected failure is one line
+naming the file or argument, exit code 2; `sphinx-edge --debug COMMAND` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from sphinx_edge import errors
 from sphinx_edge.config import LAYOUTS, SIZES, get_config, parameter_counts
 
-app = typer.Typer(
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def report_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+class Commands(typer.Typer):
+    """A Typer whose every command runs behind the error boundary."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda fn: register(errors.guarded(fn, report_error))
+
+
+app = Commands(
     help="SPHINX-X multimodal LLMs on edge devices: inspect, load, convert and run models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 SAMPLES = Path(__file__).parent / "assets"
 BUNDLED = Path(__file__).parent / "weights"  # sizes whose trained weights ship with the package
-data_app = typer.Typer(help="Training data: the synthetic VQA set and tokenizers.", no_args_is_help=True)
+data_app = Commands(help="Training data: the synthetic VQA set and tokenizers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+def fail(message: str) -> NoReturn:
+    report_error(message)
+    raise typer.Exit(errors.EXIT_USER_ERROR)
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, show the Python traceback instead of one line.")] = False,
+) -> None:
+    from sphinx_edge.processes import exit_on_signals
+
+    errors.debug = errors.debug or debug
+    exit_on_signals()  # SIGTERM / SIGHUP clean up (staging folders, stage processes) as Ctrl-C does
 
 
 def _billions(n: int) -> str:
@@ -85,27 +116,38 @@ def tiles(
     size: Annotated[str, typer.Option(help="Size whose view sizes to use.")] = "tiny",
     layout: Annotated[Optional[str], typer.Option(help=f"Override the layout: {' or '.join(LAYOUTS)}.")] = None,
 ) -> None:
-    """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free)."""
-    from sphinx_edge.layout import ImageLoadError, load_image, plan_tiles
+    """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free). The size
+    comes from each file's header (nothing is decoded); a file that cannot be read gets a row saying
+    why, and the exit code is 2 if any could not."""
+    from sphinx_edge.layout import ImageLoadError, image_size, plan_tiles
 
     cfg = get_config(size)
     layout = layout or cfg.layout
+    if layout not in LAYOUTS:
+        fail(f"--layout: unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
     table = Table(title=f"tiling for {size} ({layout}, grid {cfg.grid})")
     for col in ("image", "size", "encoded tiles", "skipped", "views", "image tokens", "vs all tiles"):
         table.add_column(col)
     full = (cfg.grid**2 + 1) * cfg.tokens_per_view
+    unreadable = []
     for path in images:
         try:
-            w, h = load_image(path).size
-            plan = plan_tiles(w, h, layout=layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
-                              dino_size=cfg.dinov2.image_size)
-        except (ImageLoadError, ValueError) as e:
-            fail(str(e))
+            w, h = image_size(path)
+        except ImageLoadError as e:
+            unreadable.append(str(e))
+            table.add_row(escape(path.name), "-", "[red]unreadable[/] (below)", "-", "-", "-", "-")
+            continue
+        plan = plan_tiles(w, h, layout=layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
+                          dino_size=cfg.dinov2.image_size)
         marks = "".join("#" if e else "." for e in plan.encoded)
         n = plan.n_image_tokens(cfg.tokens_per_view)
-        table.add_row(path.name, f"{w}x{h}", marks, str(plan.n_skipped), str(plan.n_views), str(n),
+        table.add_row(escape(path.name), f"{w}x{h}", marks, str(plan.n_skipped), str(plan.n_views), str(n),
                       f"{(n - full) / full:+.0%}")
     console.print(table)
+    for message in unreadable:
+        report_error(message)
+    if unreadable:
+        raise typer.Exit(errors.EXIT_USER_ERROR)
 
 
 def _load(checkpoint: Optional[Path], size: Optional[str]):
@@ -143,73 +185,98 @@ def chat(
     size: Annotated[Optional[str], typer.Option(help="PyTorch path: size; with no --checkpoint, its bundled weights (nano).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch path: model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
     backend: Annotated[str, typer.Option(help="With EXPORT_DIR: onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
-    threads: Annotated[Optional[int], typer.Option(help="With EXPORT_DIR: CPU threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="With EXPORT_DIR: CPU threads.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: int = 0,
 ) -> None:
     """Ask about an image, streaming the answer: with EXPORT_DIR through the exported graphs (the KV
-    cache kept between turns), else with the PyTorch model (--size nano: the bundled weights)."""
-    from sphinx_edge.layout import ImageLoadError
+    cache kept between turns), else with the PyTorch model (--size nano: the bundled weights). With no
+    QUESTION, questions are read line by line from the terminal or a pipe until an empty line or the
+    end of input; when the conversation outgrows the context, its oldest turns are dropped."""
+    from sphinx_edge.prompt import answer_room, check_text, format_prompt, turns_to_drop
 
     args = list(args or [])
-    export_dir = Path(args.pop(0)) if args and (Path(args[0]) / "manifest.json").is_file() else None
+    export_dir = Path(args.pop(0)) if args and Path(args[0]).is_dir() else None
     if len(args) > 1:
-        fail(f"expected at most one question, got {len(args)} arguments (quote the question)")
-    question = args[0] if args else None
+        fail(f"expected at most one question, got {len(args)} arguments ({', '.join(map(repr, args))}): "
+             "quote the question" + ("" if export_dir else "; the first is not an export directory either"))
+    question = check_text(args[0], "the question") if args else None
     stream = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
-    if export_dir is not None:
-        from sphinx_edge.runtime.manifest import ManifestError
-        from sphinx_edge.runtime.pipeline import Chat, ContextOverflowError, Pipeline
 
-        try:
-            conversation = Chat(Pipeline(export_dir, backend, threads=threads), image)
-        except (ManifestError, ValueError) as e:
-            fail(str(e))
+    def dropped_note(n: int, context: int) -> None:
+        if n:
+            console.print(f"[yellow]the conversation no longer fit the {context}-token context: dropped its "
+                          f"{'oldest turn' if n == 1 else f'{n} oldest turns'} (the image stays)[/]")
+
+    if export_dir is not None:
+        from sphinx_edge.runtime.pipeline import Chat, Pipeline
+
+        conversation = Chat(Pipeline(export_dir, backend, threads=threads), image)
 
         def ask(q: str) -> None:
             start = time.perf_counter()
-            try:
-                out = conversation.ask(q, **stream)
-            except ImageLoadError as e:
-                fail(str(e))
+            out = conversation.ask(q, **stream)
             console.print()
+            dropped_note(out.dropped_turns, conversation.pipeline.backend.max_seq_len)
             console.print(f"[dim]{out.prompt_len} tokens in context ({out.image_tokens} image), {out.prefilled} "
                           f"prefilled, {len(out.token_ids)} generated, stop: {out.stop_reason}, "
                           f"{time.perf_counter() - start:.2f} s[/]")
-        overflow: tuple[type[Exception], ...] = (ContextOverflowError,)
     else:
-        from sphinx_edge.generate import PromptTooLongError, generate as run
+        from sphinx_edge.generate import generate
 
         model, tok = _model_and_tokenizer(checkpoint, size)
+        context = model.config.llm.max_seq_len
         turns: list[tuple[str, Optional[str]]] = []
+        image_tokens = [0]  # known after the first answer
 
         def ask(q: str) -> None:
             start = time.perf_counter()
-            try:
-                out = run(model, tok, turns + [(q, None)], image, **stream)
-            except ImageLoadError as e:
-                fail(str(e))
+            dropped = turns_to_drop(turns, q, lambda t: image_tokens[0] + len(tok.encode(format_prompt(t), bos=True)),
+                                    context - answer_room(max_new_tokens, context))
+            del turns[:dropped]
+            out = generate(model, tok, turns + [(q, None)], image, **stream)
             console.print()
+            dropped_note(dropped, context)
             console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
                           f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
             turns.append((q, out.text.strip()))
-        overflow = (PromptTooLongError,)
+            image_tokens[0] = out.image_tokens
 
-    while True:
-        q = question if question is not None else typer.prompt("you", prompt_suffix="> ", default="", show_default=False)
-        if not q.strip():
-            return
+    if question is not None:
+        ask(question)
+        return
+    from sphinx_edge.prompt import ContextOverflowError
+
+    for q in _questions():
         try:
             ask(q)
-        except overflow as e:
-            if question is not None:
-                fail(str(e))
-            console.print(f"[yellow]{e}[/]")  # interactive: the conversation so far stays; ask something shorter
-        if question is not None:
+        except ContextOverflowError as e:  # too long for the context even alone: the chat goes on
+            report_error(str(e))
+
+
+def _questions():
+    """Questions typed or piped in, one per line, until an empty line or the end of input. A line
+    that is not valid UTF-8 is refused and the chat goes on."""
+    import sys
+
+    from sphinx_edge.prompt import check_text
+
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes: a message, not a crash
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            console.print("you> ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
             return
+        try:
+            yield check_text(line.rstrip("\r\n"), "that line")
+        except ValueError as e:
+            report_error(str(e))
 
 
 @app.command()
@@ -239,10 +306,10 @@ def warmup_encoders_cmd(
     data: Annotated[list[Path], typer.Argument(help="LLaVA conversation JSON files with short answers.")],
     out: Annotated[Path, typer.Option(help="Model directory to write (start the recipe from it with init=...).")],
     size: Annotated[str, typer.Option(help="Model size whose experts are warmed up.")] = "nano",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2500,
-    batch_size: Annotated[int, typer.Option(help="Questions per step.")] = 128,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 2500,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order and of the fresh LLM weights.")] = 0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to copy into the model directory.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out JSON: print the warm-up classifier's exact match on it.")] = None,
@@ -304,12 +371,12 @@ def export_cmd(
                                               "and memory work only (answers are noise).")] = False,
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model (default: the checkpoint's; with "
                                                       "--random-init a small stand-in is trained).")] = None,
-    group_size: Annotated[int, typer.Option(help="int4 block (onnx) / group (pte) size.")] = 32,
+    group_size: Annotated[int, typer.Option(min=1, help="int4 block (onnx) / group (pte) size.")] = 32,
     vision_quant: Annotated[Optional[str], typer.Option(help="Vision encoder: fp32 or int8 (default: int8 when "
                                                         "--quant is int8/int4, else fp32).")] = None,
     embedding_quant: Annotated[str, typer.Option(help="Embedding table: fp32 or int8.")] = "fp32",
     verify: Annotated[bool, typer.Option(help="Check the graphs against the PyTorch model after exporting.")] = True,
-    eval_samples: Annotated[int, typer.Option("--eval", help="Also score N held-out synthetic questions "
+    eval_samples: Annotated[int, typer.Option("--eval", min=0, help="Also score N held-out synthetic questions "
                                               "(torch vs export; meaningful for nano).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
     backend: Annotated[str, typer.Option(help="pte lowering: xnnpack (CPU, any device) or coreml (the vision "
@@ -423,23 +490,20 @@ def run(
     prompt: Annotated[str, typer.Option(help="The question.")],
     image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
     backend: Annotated[str, typer.Option(help="onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the runtime's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the runtime's).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
 ) -> None:
     """Answer one question with an exported model (no PyTorch on the onnx backend), with stage timings."""
-    from sphinx_edge.layout import ImageLoadError
-    from sphinx_edge.runtime.manifest import ManifestError
-    from sphinx_edge.runtime.pipeline import ContextOverflowError, Pipeline
+    from sphinx_edge.prompt import check_text
+    from sphinx_edge.runtime.pipeline import Pipeline
 
-    try:
-        pipeline = Pipeline(export_dir, backend, threads=threads)
-        answer = pipeline.answer(prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
-    except (ManifestError, ImageLoadError, ContextOverflowError, ValueError) as e:
-        fail(str(e))
+    check_text(prompt, "--prompt")
+    pipeline = Pipeline(export_dir, backend, threads=threads)
+    answer = pipeline.answer(prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
     console.print()
     t = answer.timings
     parts = [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "decode") if k in t]
@@ -463,14 +527,11 @@ def request(
 
     Then: sphinx_runner EXPORT_DIR/program.pte REQUEST.bin (runtime/cpp/README.md: build, format, adb).
     """
-    from sphinx_edge.layout import ImageLoadError
-    from sphinx_edge.runtime.manifest import ManifestError
+    from sphinx_edge.prompt import check_text
     from sphinx_edge.runtime.request import write_request
 
-    try:
-        info = write_request(export_dir, image, prompt, out, max_new_tokens=max_new_tokens)
-    except (ManifestError, ImageLoadError, ValueError) as e:
-        fail(str(e))
+    check_text(prompt, "--prompt")
+    info = write_request(export_dir, image, prompt, out, max_new_tokens=max_new_tokens)
     console.print(f"wrote {out}: {info['sequence_length']} positions, {info['views']} views, "
                   f"{info['skipped_tiles']} skip tokens, {info['bytes'] / 1e6:.2f} MB")
 
@@ -525,7 +586,7 @@ def bench(
     tg: Annotated[int, typer.Option(min=0, help="LLM alone: tokens generated (llama-bench tgN).")] = 128,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before the timed ones.")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs; tables show medians and (min–max).")] = 5,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads per backend (default: each runtime's own).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads per backend (default: each runtime's own).")] = None,
     target: Annotated[str, typer.Option(help="local (this machine), android (adb + the C++ runner) or apple "
                                         "(run on a Mac with Apple silicon).")] = "local",
     bandwidth: Annotated[bool, typer.Option(help="Measure memory bandwidth, to express decode speed as a "
@@ -625,7 +686,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],
     size: Annotated[Optional[str], typer.Option(help="Size; with no --checkpoint, its bundled weights.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N samples only.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N samples only.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
 ) -> None:
     """Exact-match accuracy on held-out questions (greedy answers), per domain and aspect ratio."""
@@ -659,12 +720,12 @@ def evaluate(
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    train_n: Annotated[int, typer.Option("--train", help="Training samples.")] = 20000,
-    test_n: Annotated[int, typer.Option("--test", help="Held-out samples (another seed).")] = 500,
+    train_n: Annotated[int, typer.Option("--train", min=1, help="Training samples.")] = 20000,
+    test_n: Annotated[int, typer.Option("--test", min=0, help="Held-out samples (another seed).")] = 500,
     seed: int = 0,
     extra_questions: Annotated[bool, typer.Option(
         help="Training records also ask every other fact of their image (held-out ones ask one question).")] = True,
-    workers: Annotated[int, typer.Option(help="Processes drawing images (the output is the same for any number).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Processes drawing images (the output is the same for any number).")] = 1,
     domains: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of colour,count,shape,text,position (default: all five).")] = None,
 ) -> None:
@@ -688,7 +749,7 @@ def data_synth(
 def data_tokenizer(
     data: Annotated[list[Path], typer.Argument(help="LLaVA JSON files whose conversations form the corpus.")],
     out: Annotated[Path, typer.Option(help="The tokenizer.model to write.")],
-    vocab_size: Annotated[int, typer.Option(help="At most this many pieces.")] = 1024,
+    vocab_size: Annotated[int, typer.Option(min=2, help="At most this many pieces.")] = 1024,
 ) -> None:
     """Train a SentencePiece tokenizer (byte fallback, newlines kept, digits split)."""
     from sphinx_edge.train.tokenizer import conversation_texts, train_tokenizer

@@ -11,12 +11,8 @@ import torch
 from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, image_segments, preprocess
 from sphinx_edge.model.sphinx import SphinxModel
-from sphinx_edge.prompt import format_prompt
+from sphinx_edge.prompt import ContextOverflowError, format_prompt
 from sphinx_edge.tokenizer import Tokenizer
-
-
-class PromptTooLongError(ValueError):
-    pass
 
 
 @dataclass
@@ -61,7 +57,7 @@ def generate(
     prompt_len = embeds.shape[1]
     limit = model.config.llm.max_seq_len
     if prompt_len >= limit:
-        raise PromptTooLongError(
+        raise ContextOverflowError(
             f"the prompt takes {prompt_len} tokens ({image_tokens} for the image); the context holds {limit}"
         )
     max_new_tokens = min(max_new_tokens, limit - prompt_len)

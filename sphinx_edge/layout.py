@@ -14,10 +14,13 @@ corner of a g x g tile canvas; fully padded tiles are replaced by one skip token
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import operator
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageSource = str | os.PathLike | bytes | Image.Image
+ORIENTATION_TAG = 0x0112  # EXIF
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -46,11 +50,40 @@ def load_image(source: ImageSource) -> Image.Image:
     """Decode `source` (path, encoded bytes or PIL image) into an upright RGB image.
 
     The whole image is decoded here, so a truncated file fails now with ImageLoadError rather
-    than later with an OSError deep in preprocessing.
+    than later with an OSError deep in preprocessing. Any failure of any Pillow plugin is an
+    ImageLoadError that names the file.
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
         return _to_rgb(_decode(source, name), name)
+    with _opened(source) as (im, name):
+        image = _decode(im, name)
+    return _to_rgb(image, name)
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of the upright image, read from the file's header: nothing is decoded."""
+    if isinstance(source, Image.Image):
+        im, name = source, getattr(source, "filename", "") or "<PIL image>"
+        return _upright_size(im, name)
+    with _opened(source) as (im, name):
+        return _upright_size(im, name)
+
+
+def _upright_size(im: Image.Image, name: str) -> tuple[int, int]:
+    try:
+        w, h = im.size
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as e:  # noqa: BLE001 - a plugin's header parser may raise anything
+        raise ImageLoadError(f"cannot read the header of {name!r}: the file is corrupt ({_reason(e)})") from e
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(f"{name!r} has a zero dimension ({w}x{h})")
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # EXIF orientations that turn the image
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | bytes) -> Iterator[tuple[Image.Image, str]]:
+    """The image opened lazily (header parsed, pixels not decoded) and its name for messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageLoadError("the image data is empty (0 bytes)")
@@ -64,32 +97,53 @@ def load_image(source: ImageSource) -> Image.Image:
         if os.path.getsize(name) == 0:
             raise ImageLoadError(f"image file {name!r} is empty (0 bytes)")
     try:
-        with Image.open(fp) as im:
-            image = _decode(im, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name!r} is not an image in a format Pillow can read") from e
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{name!r} is too large to decode safely ({e})") from e
-    except OSError as e:  # e.g. permission denied
-        raise ImageLoadError(f"cannot read {name!r}: {e}") from e
-    return _to_rgb(image, name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{name!r} is too large to decode safely ({_reason(e)})") from e
+    except PermissionError as e:
+        raise ImageLoadError(f"cannot read {name!r}: permission denied") from e
+    except Exception as e:  # noqa: BLE001 - plugins raise ValueError, NotImplementedError, SyntaxError, ...
+        raise ImageLoadError(f"cannot read {name!r}: the file is corrupt or of an unsupported kind ({_reason(e)})") from e
+    try:
+        yield im, name
+    finally:
+        im.close()
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def _decode(im: Image.Image, name: str) -> Image.Image:
     """Force the full decode and apply the EXIF orientation; returns a copy detached from the file."""
     try:
-        im.load()
-        image = ImageOps.exif_transpose(im)  # a new image either way: the caller's stays untouched
-    except MemoryError:
-        raise
-    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
-        raise ImageLoadError(f"cannot decode {name!r}: the file is corrupt or truncated ({e})") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            image = ImageOps.exif_transpose(im)  # a new image either way: the caller's stays untouched
+    except (MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{name!r} is too large to decode safely ({_reason(e)})") from e
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageLoadError(f"cannot decode {name!r}: the file is corrupt or truncated ({_reason(e)})") from e
     if image.width == 0 or image.height == 0:
         raise ImageLoadError(f"{name!r} has a zero dimension ({image.width}x{image.height})")
     return image
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    try:
+        return _rgb(im)
+    except MemoryError as e:
+        raise ImageLoadError(f"{name!r} is too large to convert ({im.width}x{im.height} {im.mode})") from e
+    except Exception as e:  # noqa: BLE001 - a mode Pillow cannot convert, or a broken palette
+        raise ImageLoadError(f"{name!r}: cannot convert image mode {im.mode!r} to RGB ({_reason(e)})") from e
+
+
+def _rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparent pixels are composited onto white."""
     mode = im.mode
     if mode == "RGB":
@@ -108,13 +162,10 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         x = np.asarray(im).astype(np.int32)
         rgb = np.clip(x[..., :-1] + 255 - x[..., -1:], 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(rgb, 3 // rgb.shape[-1], axis=-1))
-    try:
-        if _has_alpha(im):
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
-        return im.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ImageLoadError(f"{name!r}: cannot convert image mode {mode!r} to RGB ({e})") from e
+    if _has_alpha(im):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
 
 
 def _has_alpha(im: Image.Image) -> bool:

@@ -10,7 +10,7 @@ system prompt (see `layout.image_segments`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -22,6 +22,10 @@ STOP_STRINGS = ("\n###",)
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 Turn = tuple[str, str | None]
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (image tokens included) does not fit the model's context."""
 
 
 def conversation_pieces(turns: Sequence[Turn]) -> list[tuple[str, bool]]:
@@ -53,3 +57,31 @@ def conversation_pieces(turns: Sequence[Turn]) -> list[tuple[str, bool]]:
 def format_prompt(turns: Sequence[Turn]) -> str:
     """The whole conversation; ends with " Assistant:" when the last answer is None."""
     return "".join(text for text, _ in conversation_pieces(turns))
+
+
+def turns_to_drop(turns: Sequence[Turn], question: str, length: Callable[[Sequence[Turn]], int], budget: int) -> int:
+    """How many of the oldest `turns` a conversation drops so that `length(kept turns + question)`
+    fits `budget` tokens: 0 when it already fits, len(turns) when even the question alone does not."""
+    for dropped in range(len(turns) + 1):
+        if length([*turns[dropped:], (question, None)]) <= budget:
+            return dropped
+    return len(turns)
+
+
+def answer_room(max_new_tokens: int, context: int) -> int:
+    """Tokens a chat keeps free for the next answer when it drops old turns: the answer's budget,
+    but at most a quarter of the context (a long budget must not erase the whole history)."""
+    return max(1, min(max_new_tokens, context // 4))
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it is a usable question; ValueError naming `what` if it is empty or not Unicode that
+    UTF-8 can carry (undecodable bytes in argv or stdin arrive as lone surrogates)."""
+    if not text.strip():
+        raise ValueError(f"{what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text (undecodable bytes at character {e.start}); "
+                         "check the terminal's or file's encoding") from None
+    return text

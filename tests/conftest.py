@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import NoReturn
+
 import pytest
 from PIL import Image
 
@@ -35,6 +38,18 @@ def tokenizer(tokenizer_file):
     from sphinx_edge.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_file)
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """A tool that `make deps` installs is absent: skip on a developer's machine (saying how to get
+    it), fail under CI (CI=true), where make deps ran and a skip would hide a broken install step."""
+    if under_ci():
+        pytest.fail(f"{reason} -- under CI, `make deps` must have provided it")
+    pytest.skip(reason)
 
 
 def make_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # What building and testing the C++ runner needs, installed if missing (safe to run again):
 #   system packages  cmake g++ (x86_64 build); g++-aarch64-linux-gnu qemu-user (aarch64 cross
-#                    build, run under emulation). apt-get installs them when run as root on a
-#                    Debian/Ubuntu machine; otherwise the command to run is printed.
+#                    build, run under emulation); clang libclang-rt-14-dev (the request reader's
+#                    libFuzzer target with AddressSanitizer + UBSan). apt-get installs them when
+#                    run as root on a Debian/Ubuntu machine.
 #   aarch64 libs     the executorch wheel for manylinux aarch64 (same version as the project's),
 #                    its executorch/{lib,include,share} unpacked into $SPHINX_EXECUTORCH_AARCH64
 #                    (default ~/.cache/sphinx-edge/executorch-aarch64/executorch).
+# Fails (exit 1) when something is missing and cannot be installed here, saying what to install;
+# SPHINX_EDGE_SKIP_DEPS=1 turns that into a warning (the tests that need it then skip, except under CI).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
-[ -x "$python" ] || python=python3
+# Absolute, because the pip download below runs in another directory.
+case "$python" in /*) ;; */*) python="$PWD/$python" ;; *) python=$(command -v "$python" || echo "$python") ;; esac
+[ -x "$python" ] || { echo "install-deps.sh: no Python at $python (make install creates .venv)" >&2; exit 1; }
+missing_tool() {
+  echo "install-deps.sh: $*" >&2
+  [ "${SPHINX_EDGE_SKIP_DEPS:-0}" = 1 ] && { echo "  (SPHINX_EDGE_SKIP_DEPS=1: going on without it)" >&2; return 0; }
+  exit 1
+}
 
-packages=(cmake g++ g++-aarch64-linux-gnu qemu-user)
+packages=(cmake g++ g++-aarch64-linux-gnu qemu-user clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -eq 0 ]; then
@@ -21,8 +31,8 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}"
 else
-  echo "system packages missing: ${missing[*]}"
-  echo "  install them with: sudo apt-get install ${missing[*]}   (or your system's equivalents)"
+  missing_tool "system packages missing: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}" \
+    "(or your system's equivalents)"
 fi
 
 dest=${SPHINX_EXECUTORCH_AARCH64:-$HOME/.cache/sphinx-edge/executorch-aarch64/executorch}

@@ -2,6 +2,7 @@
 // ids into text exactly as SentencePiece's DecodeIds does, so the runner needs no SentencePiece.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -33,14 +34,23 @@ struct Json {
     return it->second;
   }
   int64_t integer() const {
-    if (type != Number || number != static_cast<double>(static_cast<int64_t>(number)))
+    // Within +-2^53 a double holds every integer exactly, and the cast below is defined.
+    if (type != Number || !std::isfinite(number) || std::fabs(number) > 9007199254740992.0 ||
+        number != std::floor(number))
       throw Error("the request header has a non-integer where an integer belongs");
     return static_cast<int64_t>(number);
   }
+  bool flag() const {
+    if (type != Bool) throw Error("the request header has a non-boolean where true or false belongs");
+    return boolean;
+  }
+  const std::vector<Json>& list() const {
+    if (type != Array) throw Error("the request header has a non-list where a list belongs");
+    return items;
+  }
   std::vector<int64_t> integers() const {
-    if (type != Array) throw Error("the request header has a non-list where a list of integers belongs");
     std::vector<int64_t> out;
-    for (const Json& j : items) out.push_back(j.integer());
+    for (const Json& j : list()) out.push_back(j.integer());
     return out;
   }
   const std::string& string() const {
@@ -48,9 +58,12 @@ struct Json {
     return str;
   }
 
+  static bool is_hex(char c) { return hex_digit(c) >= 0; }
+  static constexpr int kMaxDepth = 64;  // our headers nest 4 deep; a deeper one is hostile
+
   static Json parse(const std::string& text) {
     size_t pos = 0;
-    Json value = parse_value(text, pos);
+    Json value = parse_value(text, pos, 0);
     skip_space(text, pos);
     if (pos != text.size()) fail(pos, "trailing characters");
     return value;
@@ -69,9 +82,21 @@ struct Json {
     if (s.compare(pos, n, word) != 0) fail(pos, "unexpected token");
     pos += n;
   }
+  static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  }
   static unsigned hex4(const std::string& s, size_t pos) {
     if (pos + 4 > s.size()) fail(pos, "short \\u escape");
-    return static_cast<unsigned>(std::stoul(s.substr(pos, 4), nullptr, 16));
+    unsigned value = 0;
+    for (size_t i = pos; i < pos + 4; ++i) {
+      int d = hex_digit(s[i]);
+      if (d < 0) fail(i, "bad \\u escape");
+      value = value * 16 + static_cast<unsigned>(d);
+    }
+    return value;
   }
   static void append_utf8(std::string& out, unsigned cp) {
     if (cp < 0x80) {
@@ -114,9 +139,12 @@ struct Json {
           unsigned cp = hex4(s, pos);
           pos += 4;
           if (cp >= 0xD800 && cp < 0xDC00 && s.compare(pos, 2, "\\u") == 0) {  // a surrogate pair
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (hex4(s, pos + 2) - 0xDC00);
+            unsigned low = hex4(s, pos + 2);
+            if (low < 0xDC00 || low > 0xDFFF) fail(pos, "broken surrogate pair");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
             pos += 6;
           }
+          if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD;  // a lone surrogate: as Python's json with errors
           append_utf8(out, cp);
           break;
         }
@@ -127,9 +155,10 @@ struct Json {
     ++pos;
     return out;
   }
-  static Json parse_value(const std::string& s, size_t& pos) {
+  static Json parse_value(const std::string& s, size_t& pos, int depth) {
     skip_space(s, pos);
     if (pos >= s.size()) fail(pos, "unexpected end");
+    if (depth > kMaxDepth) fail(pos, "nesting too deep");
     Json v;
     char c = s[pos];
     if (c == '{' || c == '[') {
@@ -145,9 +174,9 @@ struct Json {
           std::string key = parse_string(s, pos);
           skip_space(s, pos);
           expect(s, pos, ":");
-          v.fields[key] = parse_value(s, pos);
+          v.fields[key] = parse_value(s, pos, depth + 1);
         } else {
-          v.items.push_back(parse_value(s, pos));
+          v.items.push_back(parse_value(s, pos, depth + 1));
         }
         skip_space(s, pos);
         if (pos < s.size() && s[pos] == ',') { ++pos; continue; }
@@ -165,11 +194,15 @@ struct Json {
     } else if (c == 'n') {
       expect(s, pos, "null");
     } else {
+      // JSON's number grammar only: stod alone would also take "nan", "inf", hex and spaces.
+      size_t end = pos;
+      while (end < s.size() && end - pos < 32 && std::strchr("0123456789+-.eE", s[end]) && s[end] != '\0') ++end;
+      if (end == pos || !(s[pos] == '-' || (s[pos] >= '0' && s[pos] <= '9'))) fail(pos, "expected a value");
       size_t used = 0;
       try {
-        v.number = std::stod(s.substr(pos, 32), &used);
+        v.number = std::stod(s.substr(pos, end - pos), &used);
       } catch (const std::exception&) {
-        fail(pos, "expected a value");
+        fail(pos, "bad number");
       }
       v.type = Number;
       pos += used;
@@ -195,7 +228,7 @@ struct Vocab {
     for (int64_t id : ids) {
       if (id < 0 || id >= static_cast<int64_t>(pieces.size())) continue;  // as Tokenizer.decode
       const std::string& piece = pieces[id];
-      if (kinds[id] == 'b') {  // byte pieces gather, then decode together as UTF-8
+      if (kinds[id] == 'b') {  // byte pieces gather, then decode together as UTF-8 (checked: <0xNN>)
         bytes += static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16));
         continue;
       }
@@ -273,10 +306,16 @@ struct Request {
   std::vector<float> data;  // every view, back to back
 
   static Request load(const std::string& path) {
-    static const std::string kMagic = "SPHXREQ1";
     std::ifstream f(path, std::ios::binary);
     if (!f) throw Error("cannot open the request file " + path);
     std::string file((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    return parse(file, path);
+  }
+
+  // Every size, offset and index in `file` is checked before use: a hostile or damaged request is
+  // an Error, never a read out of bounds (runtime/cpp/fuzz_request.cpp keeps it that way).
+  static Request parse(const std::string& file, const std::string& path) {
+    static const std::string kMagic = "SPHXREQ1";
     if (file.size() < kMagic.size() + 4 || file.compare(0, kMagic.size(), kMagic) != 0)
       throw Error(path + " is not a sphinx-edge request file (write one with `sphinx-edge request`)");
     uint32_t header_len = 0;
@@ -291,29 +330,40 @@ struct Request {
       throw Error(path + " is request version " + std::to_string(h.at("version").integer()) +
                   "; this runner reads version 1");
     int64_t data_offset = h.at("data_offset").integer(), data_bytes = h.at("data_bytes").integer();
-    if (data_offset < 0 || data_bytes < 0 || data_bytes % 4 != 0 ||
-        static_cast<uint64_t>(data_offset + data_bytes) > file.size())
+    const int64_t file_size = static_cast<int64_t>(file.size());
+    if (data_offset < 0 || data_bytes < 0 || data_bytes % 4 != 0 || data_offset > file_size ||
+        data_bytes > file_size - data_offset)
       throw Error(path + " is truncated: the header promises " + std::to_string(data_bytes) +
                   " bytes of image data at offset " + std::to_string(data_offset) + ", the file has " +
                   std::to_string(file.size()) + " bytes");
-    r.data.resize(data_bytes / 4);
-    std::memcpy(r.data.data(), file.data() + data_offset, data_bytes);
+    r.data.resize(static_cast<size_t>(data_bytes / 4));
+    if (data_bytes) std::memcpy(r.data.data(), file.data() + data_offset, static_cast<size_t>(data_bytes));
 
-    for (const Json& s : h.at("segments").items) {
+    // Ids index the program's embedding table: every one must lie inside it.
+    const int64_t vocab_size = h.at("program").at("vocab_size").integer();
+    for (const Json& s : h.at("segments").list()) {
       Segment seg;
       if (s.has("tokens")) {
         seg.tokens = s.at("tokens").integers();
         if (seg.tokens.empty()) throw Error(path + ": a token segment is empty");
+        for (int64_t id : seg.tokens)
+          if (id < 0 || id >= vocab_size)
+            throw Error(path + ": token id " + std::to_string(id) + " is outside the vocabulary (" +
+                        std::to_string(vocab_size) + ")");
       } else {
         const Json& image = s.at("image");
+        const int64_t floats = data_bytes / 4;
         int64_t numel = 1;
         for (int64_t d : image.at("shape").integers()) {
-          if (d <= 0) throw Error(path + ": an image segment has a non-positive dimension");
+          // Each dimension and the running product stay within the data: no overflow, no int32 wrap.
+          if (d <= 0 || d > floats || numel > floats / d)
+            throw Error(path + ": an image segment's shape does not fit the image data");
           seg.shape.push_back(static_cast<int32_t>(d));
           numel *= d;
         }
         int64_t offset = image.at("offset").integer();
-        if (seg.shape.size() != 3 || offset < 0 || offset % 4 != 0 || offset + numel * 4 > data_bytes)
+        if (seg.shape.size() != 3 || offset < 0 || offset % 4 != 0 || offset > data_bytes ||
+            numel > (data_bytes - offset) / 4)
           throw Error(path + ": an image segment's shape or offset does not fit the image data");
         seg.pixels = r.data.data() + offset / 4;
       }
@@ -321,21 +371,26 @@ struct Request {
     }
     if (r.segments.empty()) throw Error(path + " holds no segments");
     r.eos_ids = h.at("eos_ids").integers();
-    for (const Json& s : h.at("stop_strings").items) r.stop_strings.push_back(s.string());
+    for (const Json& s : h.at("stop_strings").list()) r.stop_strings.push_back(s.string());
     r.max_new_tokens = h.at("max_new_tokens").integer();
     r.sequence_length = h.at("sequence_length").integer();
+    if (r.max_new_tokens < 0 || r.sequence_length < 1)
+      throw Error(path + ": max_new_tokens must be >= 0 and sequence_length >= 1");
 
     const Json& v = h.at("vocab");
-    for (const Json& p : v.at("pieces").items) r.vocab.pieces.push_back(p.string());
+    for (const Json& p : v.at("pieces").list()) r.vocab.pieces.push_back(p.string());
     r.vocab.kinds = v.at("kinds").string();
-    r.vocab.add_dummy_prefix = v.at("add_dummy_prefix").boolean;
-    r.vocab.remove_extra_whitespaces = v.at("remove_extra_whitespaces").boolean;
+    r.vocab.add_dummy_prefix = v.at("add_dummy_prefix").flag();
+    r.vocab.remove_extra_whitespaces = v.at("remove_extra_whitespaces").flag();
     r.vocab.unk_surface = v.at("unk_surface").string();
     if (r.vocab.kinds.size() != r.vocab.pieces.size())
       throw Error(path + ": the vocabulary's kinds and pieces differ in length");
-    for (size_t i = 0; i < r.vocab.pieces.size(); ++i)
-      if (r.vocab.kinds[i] == 'b' && r.vocab.pieces[i].size() != 6)
+    for (size_t i = 0; i < r.vocab.pieces.size(); ++i) {
+      const std::string& piece = r.vocab.pieces[i];
+      if (r.vocab.kinds[i] == 'b' && (piece.size() != 6 || piece.compare(0, 3, "<0x") != 0 || piece[5] != '>' ||
+                                      Json::is_hex(piece[3]) == false || Json::is_hex(piece[4]) == false))
         throw Error(path + ": byte piece " + std::to_string(i) + " is not of the form <0xNN>");
+    }
     return r;
   }
 };

@@ -5,12 +5,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from sphinx_edge.checkpoints.strict import CheckpointError
 
-__all__ = ["CheckpointError", "load_model", "tokenizer_path"]
+__all__ = ["CheckpointError", "load_model", "read_json", "tokenizer_path"]
+
+
+def read_json(file: Path) -> Any:
+    """A checkpoint's JSON file, or CheckpointError naming the file and what is wrong with it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
 
 
 def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
@@ -37,6 +49,7 @@ def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
     elif is_accessory_dir(path):
         config, state = read_accessory(path, size)
     elif (path / "config.json").exists():
+        read_json(path / "config.json")  # a broken file is named as such, not taken for another format
         raise CheckpointError(
             f"{path} looks like a Hugging Face LLM checkpoint: it is one part of a SPHINX model. "
             "Assemble a model from parts with `sphinx-edge assemble`."
@@ -50,5 +63,9 @@ def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:
-    file = Path(path) / "tokenizer.model"
+    """The checkpoint's tokenizer.model, None if it has none; CheckpointError if `path` is no directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    file = path / "tokenizer.model"
     return file if file.exists() else None

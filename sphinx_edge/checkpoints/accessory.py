@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sphinx_edge.checkpoints import read_json
 from sphinx_edge.checkpoints.convert import (
     fuse_qkv,
     half_to_interleaved,
@@ -214,8 +215,10 @@ def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
     path = Path(path)
     if not (path / "meta.json").exists():
         raise CheckpointError(f"{path} has no meta.json: not a LLaMA2-Accessory checkpoint directory")
-    meta = json.loads((path / "meta.json").read_text())
-    args = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    meta = read_json(path / "meta.json")
+    args = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    if not isinstance(meta, dict) or not isinstance(args, dict):
+        raise CheckpointError(f"{path}: meta.json and config.json must each hold a JSON object")
     shards = []
     for file in _shard_files(path):
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sphinx_edge.checkpoints.convert import fuse_qkv, internlm2_wqkv_to_fused
+from sphinx_edge.checkpoints import read_json
 from sphinx_edge.checkpoints.strict import CheckpointError, load_strict
 from sphinx_edge.config import LLMConfig, SphinxConfig
 
@@ -59,7 +60,7 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     file = Path(path) / "config.json"
     if not file.exists():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def hf_family(hf_config: dict, source: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_tool
 from sphinx_edge.cli import SAMPLES
 from tests.test_cli import run
 
@@ -49,7 +50,7 @@ FAKE_ADB = textwrap.dedent('''\
 def native_runner_dir(tmp_path_factory) -> Path:
     for tool in ("cmake", "g++"):
         if shutil.which(tool) is None:
-            pytest.skip(f"the C++ runner needs {tool}: run runtime/cpp/install-deps.sh")
+            missing_tool(f"the C++ runner needs {tool}: run runtime/cpp/install-deps.sh")
     proc = subprocess.run(["bash", str(ROOT / "runtime/cpp/build.sh")], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runner_dir = tmp_path_factory.mktemp("runner")

@@ -1,7 +1,6 @@
 """ONNX export of a small model: parity with torch, dynamic views, skip tokens, quantization, bad inputs."""
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_image
-from sphinx_edge.export.exporter import ExportError, ExportOptions, export_model
+from sphinx_edge.export.exporter import ExportOptions, export_model
 from sphinx_edge.export.graphs import VisionEncoder
 from sphinx_edge.export.onnx import decoder_graph, quantize_file
 from sphinx_edge.layout import pack_views, preprocess
@@ -121,53 +120,6 @@ def test_fp16_and_int8_graphs_load_and_stay_close(model_factory, tmp_path):
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
-
-
-def test_refuses_a_directory_holding_another_export(onnx_export, model_factory, tokenizer_file, tmp_path):
-    _, out, _ = onnx_export
-    other = model_factory("test-intern2")
-    with pytest.raises(ExportError, match="already holds an export of 'test-tiny'.*--overwrite"):
-        export_model(other, Tokenizer(tokenizer_file), out, ExportOptions(verify=False))
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="not a finished sphinx-edge export"):
-        export_model(other, Tokenizer(tokenizer_file), tmp_path, ExportOptions(verify=False))
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_overwrite_replaces_the_export(model_factory, tokenizer_file, tmp_path):
-    tok = Tokenizer(tokenizer_file)
-    export_model(model_factory("test-tiny"), tok, tmp_path / "e", ExportOptions(verify=False))
-    manifest = export_model(model_factory("test-intern2"), tok, tmp_path / "e", ExportOptions(verify=False),
-                            overwrite=True)
-    assert read_manifest(tmp_path / "e")["model"]["name"] == manifest["model"]["name"] == "test-intern2"
-
-
-def test_interrupted_export_leaves_nothing_that_looks_finished(model_factory, tokenizer_file, tmp_path):
-    def interrupt(stage: str) -> None:
-        if stage == "onnx decoder":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        export_model(model_factory("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
-                     ExportOptions(verify=False), on_stage=interrupt)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_killed_exports_staging_directory_is_swept_by_the_next_export(tmp_path):
-    """SIGKILL runs no cleanup: the next export to the same place removes the dead process's stage."""
-    import subprocess
-    import sys
-
-    from sphinx_edge.export.exporter import sweep_stale_stages
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".e.{int(dead.stdout)}.abc123.partial"
-    live = tmp_path / f".e.{os.getpid()}.def456.partial"  # an export running right now
-    other = tmp_path / f".f.{int(dead.stdout)}.abc123.partial"  # another target's
-    for d in (stale, live, other):
-        (d / "x").mkdir(parents=True)
-    assert sweep_stale_stages(tmp_path / "e") == [stale]
-    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_tampered_or_missing_files_are_refused(onnx_export, tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sphinx_edge.generate import PromptTooLongError, build_inputs, generate
+from sphinx_edge.generate import build_inputs, generate
+from sphinx_edge.prompt import ContextOverflowError
 from sphinx_edge.layout import image_segments, preprocess
 from sphinx_edge.model.sphinx import build_model, count_parameters
 from sphinx_edge.config import get_config
@@ -91,7 +92,7 @@ def test_streamed_text_equals_final_text(model_factory, tokenizer):
 
 def test_prompt_longer_than_context_is_refused(model_factory, tokenizer):
     model = model_factory("test-tiny")
-    with pytest.raises(PromptTooLongError, match="context holds 512"):
+    with pytest.raises(ContextOverflowError, match="context holds 512"):
         generate(model, tokenizer, "red " * 600, make_image(64, 64))
 
 

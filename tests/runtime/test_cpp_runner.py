@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_torch_free
+from conftest import missing_tool, run_torch_free
 from sphinx_edge.benchmarks.device_output import RunnerOutputError, parse_runner_output
 from sphinx_edge.runtime.request import ALIGN, MAGIC, read_request_header, write_request
 
@@ -37,7 +37,7 @@ MAX_NEW = 16
 def _require(*tools: tuple[str, str]) -> None:
     for command, package in tools:
         if shutil.which(command) is None:
-            pytest.skip(f"C++ runner: {command} not found ({package} not installed); {INSTALL}")
+            missing_tool(f"C++ runner: {command} not found ({package} not installed); {INSTALL}")
 
 
 def _build(arch: str) -> Path:
@@ -60,7 +60,7 @@ def aarch64_runner() -> list[str]:
     _require(("cmake", "cmake"), ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
              ("qemu-aarch64", "qemu-user"))
     if not (AARCH64_LIBS / "libexecutorch.so").is_file():
-        pytest.skip(f"C++ runner: no aarch64 ExecuTorch libraries in {AARCH64_LIBS}; {INSTALL}")
+        missing_tool(f"C++ runner: no aarch64 ExecuTorch libraries in {AARCH64_LIBS}; {INSTALL}")
     _build("aarch64")
     return ["bash", str(CPP / "qemu-aarch64.sh")]
 

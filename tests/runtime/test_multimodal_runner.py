@@ -35,7 +35,7 @@ def runner_answer(export_dir, segments, max_new_tokens: int) -> str:
 
 @pytest.mark.parametrize("image,question,views,skips", CASES)
 def test_multimodal_runner_answers_like_our_runtime(nano_int4_pte, image, question, views, skips):
-    pytest.importorskip("executorch.extension.llm.runner")
+    import executorch.extension.llm.runner  # noqa: F401 - in the executorch wheel, a core dependency
     ours = Pipeline(nano_int4_pte, "pte")
     expected = ours.answer(question, SAMPLES / image, max_new_tokens=12)
     segments = build_inputs(ours.config, ours.tokenizer, SAMPLES / image, question)

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import make_image, run_torch_free
 from sphinx_edge.generate import generate
-from sphinx_edge.runtime.pipeline import Chat, ContextOverflowError, Pipeline
+from sphinx_edge.prompt import ContextOverflowError
+from sphinx_edge.runtime.pipeline import Chat, Pipeline
 from sphinx_edge.tokenizer import Tokenizer
 
 

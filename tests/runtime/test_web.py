@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from sphinx_edge.runtime.web_bundle import WEB_DIR, WebBundleError, build_site, make_server, tokenizer_json
+from conftest import missing_tool
 from web_vectors import bundled_tokenizer, write_tiling_vectors, write_tokenizer_vectors
 
 INSTALL = "run runtime/web/install-deps.sh"
@@ -31,14 +32,14 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 def _need_node() -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.skip(f"node not installed: {INSTALL} (needs Node.js >= 20)")
+        missing_tool(f"node not installed: {INSTALL} (needs Node.js >= 20)")
     return node
 
 
 def _need_npm_packages(*names: str) -> None:
     for name in names:
         if not (WEB_DIR / "node_modules" / name / "package.json").is_file():
-            pytest.skip(f"npm package {name} not installed in runtime/web/node_modules: {INSTALL}")
+            missing_tool(f"npm package {name} not installed in runtime/web/node_modules: {INSTALL}")
 
 
 def _node_test(files: list[str], vectors: Path) -> str:
@@ -202,7 +203,7 @@ def browser_tools() -> str:
     node = _need_node()
     _need_npm_packages("onnxruntime-web", "playwright-core")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"chromium not installed at {CHROMIUM}: {INSTALL} (or set CHROMIUM)")
+        missing_tool(f"chromium not installed at {CHROMIUM}: {INSTALL} (or set CHROMIUM)")
     return node
 
 

@@ -1,0 +1,106 @@
+"""Child processes that never outlive their parent, and signals that clean up like Ctrl-C.
+
+`run_in_child(fn, *args)` runs `fn(*args)` in a fresh spawned interpreter and returns its result.
+The child dies with its parent however the parent ends: Linux's parent-death signal where there
+is one, and everywhere a watcher thread that ends the child when the pipe from its parent closes
+(the kernel closes it when the parent dies, even of SIGKILL). When the parent stops waiting (an
+exception, Ctrl-C, SIGTERM), the child is killed before the exception goes on.
+
+`exit_on_signals()` makes SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, so
+that the `finally` / `except BaseException` clean-ups that Ctrl-C runs also run for them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+class ChildFailed(RuntimeError):
+    """The child process died without an answer (killed, out of memory, a crash in native code)."""
+
+
+def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> None:
+    """SIGTERM / SIGHUP -> SystemExit(128 + signum) in the main thread (only the main thread may
+    set handlers; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    for s in signals:
+        signal.signal(s, handler)
+
+
+def _die_with_parent(watch, parent: int) -> None:
+    """In the child: end this process when the parent does."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def wait_for_parent() -> None:
+        try:
+            watch.recv()  # nothing is ever sent: this returns (EOFError) when the parent's end closes
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=wait_for_parent, name="parent-watch", daemon=True).start()
+
+
+def _child_main(conn, watch, parent: int, fn: Callable[..., Any], args: tuple) -> None:
+    _die_with_parent(watch, parent)
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
+        try:
+            conn.send((False, e))
+        except Exception:  # not picklable: send what it said
+            conn.send((False, ChildFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+    finally:
+        conn.close()
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a spawned process that cannot outlive this one; its exception re-raised here.
+    `fn` and `args` must be picklable."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    watch_read, watch_write = ctx.Pipe(duplex=False)  # only this process holds the write end
+    child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), fn, args))
+    try:
+        child.start()
+        watch_read.close()
+        send.close()
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise ChildFailed(f"the stage process died (exit code {child.exitcode}"
+                              + (", killed: out of memory?" if child.exitcode == -signal.SIGKILL else "")
+                              + ")") from None
+        child.join()
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        for conn in (watch_read, watch_write, send, receive):
+            conn.close()
+    if not ok:
+        raise value
+    return value
