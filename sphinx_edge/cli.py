@@ -57,7 +57,7 @@ def _global_options(
 ) -> None:
     from sphinx_edge.processes import exit_on_signals
 
-    errors.debug = errors.debug or debug
+    errors.debug = debug or errors.DEBUG_FROM_ENV
     exit_on_signals()  # SIGTERM / SIGHUP clean up (staging folders, stage processes) as Ctrl-C does
 
 

@@ -28,7 +28,8 @@ class UserError(Exception):
 
 
 EXPECTED: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError, UserError)
-debug = os.environ.get("SPHINX_EDGE_DEBUG", "") not in ("", "0")
+DEBUG_FROM_ENV = os.environ.get("SPHINX_EDGE_DEBUG", "") not in ("", "0")
+debug = DEBUG_FROM_ENV  # set per invocation by the CLI's --debug
 
 
 def user_message(error: BaseException) -> str:

@@ -73,7 +73,13 @@ def image_size(source: ImageSource) -> tuple[int, int]:
 def _upright_size(im: Image.Image, name: str) -> tuple[int, int]:
     try:
         w, h = im.size
-        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        if im.format == "PNG":  # PNG's getexif decodes the whole image to look past IDAT: the header's only
+            exif = Image.Exif()
+            if "exif" in im.info:
+                exif.load(im.info["exif"])
+            orientation = exif.get(ORIENTATION_TAG, 1)
+        else:
+            orientation = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception as e:  # noqa: BLE001 - a plugin's header parser may raise anything
         raise ImageLoadError(f"cannot read the header of {name!r}: the file is corrupt ({_reason(e)})") from e
     if w <= 0 or h <= 0:
@@ -98,11 +104,11 @@ def _opened(source: str | os.PathLike | bytes) -> Iterator[tuple[Image.Image, st
             raise ImageLoadError(f"image file {name!r} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused above twice the limit
             im = Image.open(fp)
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name!r} is not an image in a format Pillow can read") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageLoadError(f"{name!r} is too large to decode safely ({_reason(e)})") from e
     except PermissionError as e:
         raise ImageLoadError(f"cannot read {name!r}: permission denied") from e
@@ -122,10 +128,10 @@ def _decode(im: Image.Image, name: str) -> Image.Image:
     """Force the full decode and apply the EXIF orientation; returns a copy detached from the file."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused above twice the limit
             im.load()
             image = ImageOps.exif_transpose(im)  # a new image either way: the caller's stays untouched
-    except (MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (MemoryError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{name!r} is too large to decode safely ({_reason(e)})") from e
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageLoadError(f"cannot decode {name!r}: the file is corrupt or truncated ({_reason(e)})") from e

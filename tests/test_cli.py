@@ -195,3 +195,25 @@ def test_bench_prints_the_table_and_refuses_bad_options(onnx_export, tmp_path):
     assert code == 2 and "manifest.json" in out
     code, out = run("bench", out_dir, "--target", "apple")
     assert code == 2 and "Apple silicon" in out
+
+
+def test_a_long_piped_chat_on_the_bundled_model_answers_every_turn(nano_int4_pte):
+    """The history outgrows Nano's 512-token context after about 27 turns: the oldest turns go, the
+    conversation goes on, and the end of input ends the chat cleanly."""
+    questions = "".join(f"What colour is shape {i}?\n" for i in range(60))  # no empty line: end of input ends it
+    result = runner.invoke(app, ["chat", str(nano_int4_pte), "--backend", "pte", "--image",
+                                 str(SAMPLES / "shapes_2x1.png"), "--max-new-tokens", "4"],
+                           input=questions, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output[-3000:]
+    assert result.output.count("tokens in context") == 60
+    assert "dropped its oldest turn" in result.output and "error" not in result.output
+    assert "Aborted" not in result.output
+    contexts = [int(line.split(" tokens in context")[0].split()[-1]) for line in result.output.splitlines()
+                if "tokens in context" in line]
+    assert max(contexts) < 512
+
+
+def test_chat_names_a_directory_that_is_not_an_export(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out = run("chat", tmp_path, "What is it?")
+    assert code == 2 and "manifest.json" in out and "arguments" not in out

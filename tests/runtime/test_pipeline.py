@@ -4,6 +4,7 @@
 import pytest
 
 from conftest import make_image, run_torch_free
+from sphinx_edge.cli import SAMPLES
 from sphinx_edge.generate import generate
 from sphinx_edge.prompt import ContextOverflowError
 from sphinx_edge.runtime.pipeline import Chat, Pipeline
@@ -56,3 +57,17 @@ def test_prompt_overflow_is_refused(onnx_export, image):
     _, out, _ = onnx_export
     with pytest.raises(ContextOverflowError, match="the context holds 512"):
         Pipeline(out).answer("tell me " * 400, image)
+
+
+def test_chat_drops_the_oldest_turns_when_the_history_no_longer_fits(onnx_export):
+    """The image and BOS stay in the cache; only the text after them is prefilled again."""
+    _, out, _ = onnx_export
+    chat = Chat(Pipeline(out), SAMPLES / "wide_2x1.png")
+    dropped, answers = 0, []
+    for i in range(40):
+        answers.append(chat.ask(f"Question number {i}: what is in the picture, in a few words?", max_new_tokens=4))
+        dropped += answers[-1].dropped_turns
+    assert dropped > 0 and all(a.prompt_len < 512 for a in answers)
+    first_drop = next(a for a in answers if a.dropped_turns)
+    assert first_drop.prefilled < first_drop.prompt_len - first_drop.image_tokens  # image kept in the cache
+    assert chat.turns[-1][0].startswith("Question number 39")
