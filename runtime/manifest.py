@@ -80,7 +80,7 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
             if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in files for n in names):
                 raise ManifestError(f"{path}: graph {fmt}/{component} must list its files, each one in 'files'")
     tokenizer = manifest.get("tokenizer")
-    if tokenizer is not None and tokenizer not in files:
+    if tokenizer is not None and (not isinstance(tokenizer, str) or tokenizer not in files):
         raise ManifestError(f"{path}: the tokenizer {tokenizer!r} is not in 'files'")
 
 

@@ -132,3 +132,40 @@ def read_request_header(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path} is not a sphinx-edge request file (bad magic)")
         (size,) = struct.unpack("<I", head[len(MAGIC):])
         return json.loads(f.read(size).decode())
+
+
+def decode_request(blob: bytes) -> tuple[dict[str, Any], list[Segment]]:
+    """The header and segments of a request file's bytes, checked as the C++ reader checks them
+    (runtime/cpp/request.h): ValueError for anything out of bounds."""
+    if len(blob) < len(MAGIC) + 4 or blob[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a sphinx-edge request file (bad magic)")
+    (size,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
+    if len(MAGIC) + 4 + size > len(blob):
+        raise ValueError("truncated: the header runs past the end of the file")
+    header = json.loads(blob[len(MAGIC) + 4:len(MAGIC) + 4 + size].decode())  # ValueError when broken
+    try:
+        return header, _segments(blob, header)
+    except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
+        raise ValueError(f"the request header is malformed ({type(e).__name__}: {e})") from e
+
+
+def _segments(blob: bytes, header: dict[str, Any]) -> list[Segment]:
+    offset, nbytes = header["data_offset"], header["data_bytes"]
+    if not (0 <= offset <= len(blob) and 0 <= nbytes <= len(blob) - offset and nbytes % 4 == 0):
+        raise ValueError("truncated: the image data runs past the end of the file")
+    data = np.frombuffer(blob, dtype="<f4", count=nbytes // 4, offset=offset)
+    vocab_size = header["program"]["vocab_size"]
+    segments = []
+    for entry in header["segments"]:
+        if "tokens" in entry:
+            tokens = [int(t) for t in entry["tokens"]]
+            if not tokens or not all(0 <= t < vocab_size for t in tokens):
+                raise ValueError("a token segment is empty or holds an id outside the vocabulary")
+            segments.append(Segment(tokens=tuple(tokens)))
+            continue
+        shape, start = entry["image"]["shape"], entry["image"]["offset"]
+        count = int(np.prod(shape)) if len(shape) == 3 and all(d > 0 for d in shape) else -1
+        if count < 0 or start % 4 or not 0 <= start <= nbytes or count > (nbytes - start) // 4:
+            raise ValueError("an image segment's shape or offset does not fit the image data")
+        segments.append(Segment(image=data[start // 4:start // 4 + count].reshape(shape)))
+    return segments

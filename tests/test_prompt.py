@@ -71,3 +71,40 @@ def test_invalid_turns():
 def test_reexported_from_layout():
     assert layout.format_prompt is format_prompt
     assert layout.SYSTEM_PROMPT == SYSTEM
+
+
+# --- arbitrary unicode (hypothesis) ---------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=60)  # surrogates too
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=ANY_TEXT)
+def test_check_text_accepts_exactly_the_nonblank_text_utf8_can_carry(text):
+    from sphinx_edge.prompt import check_text
+
+    encodable = not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    try:
+        assert check_text(text, "--prompt") == text
+        assert encodable and text.strip()
+    except ValueError as e:
+        assert "--prompt" in str(e) and (not encodable or not text.strip())
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=ANY_TEXT)
+def test_the_bundled_tokenizer_round_trips_any_text_or_refuses_it_clearly(text):
+    from sphinx_edge.cli import BUNDLED
+    from sphinx_edge.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer(BUNDLED / "nano" / "tokenizer.model")
+    try:
+        ids = tok.encode(text, bos=True)
+    except TokenizerError as e:
+        assert any(0xD800 <= ord(c) <= 0xDFFF for c in text) and "UTF-8" in str(e)
+        return
+    assert all(0 <= i < tok.vocab_size for i in ids) and ids[0] == tok.bos_id
+    assert tok.decode(ids) == text.lstrip(" ") or tok.decode(ids) == text  # the dummy prefix's space
