@@ -14,11 +14,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
-from sphinx_edge.benchmarks.system import describe, memory_bandwidth
+from sphinx_edge.benchmarks.system import describe, memory_bandwidth, physical_cores, runtime_versions
 from sphinx_edge.config import SphinxConfig, parameter_counts
 from sphinx_edge.runtime.manifest import read_manifest
 
@@ -50,7 +50,8 @@ class BenchSpec:
     tg: int = 128
     warmup: int = 1
     repeats: int = 5
-    threads: int | None = None
+    threads: int | None = None  # one count for every runtime; None: the physical cores
+    llm_only: bool = False  # only the LLM-alone pp / tg figures (no image stages)
     bandwidth: bool = True
     peers: list[str] = field(default_factory=list)  # of peers.PEERS, on the exports' LLM shape
     peers_dir: Path | None = None  # where the peers' models are written and cached
@@ -101,7 +102,8 @@ def _run_module(module: str, spec: dict, what: str) -> dict:
 def run_in_subprocess(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
     case = {"export_dir": str(export_dir), "backend": backend, "images": [str(p) for p in spec.images],
             "layouts": spec.layouts, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
-            "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads}
+            "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads,
+            "llm_only": spec.llm_only}
     return _run_module("sphinx_edge.benchmarks.case", case, f"{backend} on {export_dir}")
 
 
@@ -156,7 +158,7 @@ def run_android(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -
     for backend in set(spec.backends) - {"pte"}:
         skipped.append({"export_dir": "-", "backend": backend, "why": "runs on this host only, not with --target android"})
     return {"date": date.today().isoformat(), "machine": adb.describe(), "bandwidth_gb_s": None,
-            "settings": _settings(spec), "cases": cases, "peers": [], "skipped": skipped}
+            "threads": spec.threads, "settings": _settings(spec), "cases": cases, "peers": [], "skipped": skipped}
 
 
 def _settings(spec: BenchSpec) -> dict:
@@ -167,8 +169,10 @@ def _settings(spec: BenchSpec) -> dict:
 def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
     """Every (export, backend) case; the PyTorch reference runs once per model, not per export.
     Returns the whole result (machine, settings, cases, skipped cases with why)."""
-    if spec.target == "android":
+    if spec.target == "android":  # the phone's runner picks its own default and reports it
         return run_android(spec, on_case)
+    if spec.threads is None:  # every runtime gets the same count, whatever its own default would be
+        spec = replace(spec, threads=physical_cores())
     cases, skipped, torch_done = [], [], set()
     for export_dir in spec.export_dirs:
         manifest = read_manifest(export_dir)
@@ -198,6 +202,7 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
     skipped += peers_skipped
     if on_case and spec.bandwidth:
         on_case("memory bandwidth")
-    return {"date": date.today().isoformat(), "machine": describe(),
-            "bandwidth_gb_s": memory_bandwidth() if spec.bandwidth else None,
+    return {"date": date.today().isoformat(), "machine": describe(), "versions": runtime_versions(),
+            "threads": spec.threads, "bandwidth_gb_s": memory_bandwidth(spec.threads) if spec.bandwidth else None,
+            "bandwidth_kind": f"read, {spec.threads} threads",
             "settings": _settings(spec), "cases": cases, "peers": peers, "skipped": skipped}

@@ -2,7 +2,8 @@
 peak RSS is its own: `python -m sphinx_edge.benchmarks.case SPEC_JSON` prints a JSON result.
 
 SPEC_JSON: {"export_dir", "backend" (onnx | pte | torch), "images": [paths], "layouts": [names or
-null], "prompt", "decode_tokens", "pp", "tg", "warmup", "repeats", "threads"}.
+null], "prompt", "decode_tokens", "pp", "tg", "warmup", "repeats", "threads", "llm_only"}. With
+"llm_only" the image stages are skipped and only pp / tg run (all `repeats` of them).
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def run_case(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     manifest = pipeline.manifest
     rows = []
-    for image in spec["images"]:
+    llm_only = spec.get("llm_only", False)
+    for image in [] if llm_only else spec["images"]:
         for layout in spec["layouts"]:
             row = time_image(pipeline, image, spec["prompt"], layout=layout, decode_tokens=spec["decode_tokens"],
                              warmup=spec["warmup"], repeats=spec["repeats"])
             rows.append({"image": str(image), "layout": layout or pipeline.config.layout, **row})
     llm = time_llm(pipeline, pp=spec["pp"], tg=spec["tg"], warmup=spec["warmup"],
-                   repeats=max(1, min(spec["repeats"], 3))) if spec["pp"] or spec["tg"] else None
+                   repeats=spec["repeats"] if llm_only else max(1, min(spec["repeats"], 3))) \
+        if spec["pp"] or spec["tg"] else None
     return {
         "export_dir": str(export_dir),
         "backend": spec["backend"],
@@ -59,6 +62,7 @@ def run_case(spec: dict) -> dict:
         "vision_quant": "fp32" if spec["backend"] == "torch" else manifest["quantization"]["vision"],
         "group_size": manifest["quantization"].get("group_size"),
         "artifact_bytes": artifact_bytes(manifest, spec["backend"]),
+        "threads": getattr(pipeline.backend, "threads", None) or spec.get("threads"),
         "load_s": load_s,
         "images": rows,
         "llm": llm,

@@ -137,6 +137,8 @@ def time_llama_cpp(path: Path, pp: int, tg: int, warmup: int, repeats: int, thre
     # sampling is not what is measured.
     prompt, generated = np.split(np.random.default_rng(0).integers(259, llm.n_vocab(), pp + tg), [pp])
 
+    used = {"threads": llm.n_threads, "threads_batch": llm.n_threads_batch}
+
     def once() -> tuple[float, float]:
         llm.reset()
         t = time.perf_counter()
@@ -147,7 +149,7 @@ def time_llama_cpp(path: Path, pp: int, tg: int, warmup: int, repeats: int, thre
             llm.eval([token])
         return pp / t_pp, tg / (time.perf_counter() - t)
 
-    return _repeat(once, warmup, repeats)
+    return {**used, **_repeat(once, warmup, repeats)}
 
 
 # --- onnxruntime-genai -------------------------------------------------------------------------------
@@ -196,8 +198,9 @@ def time_genai(model_dir: Path, pp: int, tg: int, warmup: int, repeats: int, thr
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    if threads:  # intra-op threads as ours; one inter-op thread, as our own sessions have
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
     vocab = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(259, vocab, pp).astype(np.int32)
@@ -214,7 +217,7 @@ def time_genai(model_dir: Path, pp: int, tg: int, warmup: int, repeats: int, thr
             generator.generate_next_token()
         return pp / t_pp, tg / (time.perf_counter() - t)
 
-    return _repeat(once, warmup, repeats)
+    return {"threads": threads, **_repeat(once, warmup, repeats)}
 
 
 # --- Shared -----------------------------------------------------------------------------------------

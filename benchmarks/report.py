@@ -19,6 +19,15 @@ def _rate(stage: dict) -> str:
     return f"{stage['median']:.1f}"
 
 
+def _mean_sd(stage: dict) -> str:
+    """llama-bench's figure: mean ± sample stddev over the repetitions."""
+    return f"{stage['mean']:.1f} ± {stage['stddev']:.1f}" if stage.get("n", 1) > 1 else f"{stage['mean']:.1f}"
+
+
+def _threads(row: dict) -> str:
+    return str(row.get("threads") or "–")
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
@@ -30,14 +39,14 @@ def _label(case: dict) -> str:
 
 def stage_table(result: dict) -> str:
     """One row per (case, image, layout): the stage medians (ms, min–max) and rates."""
-    head = ("| backend / quant | image | layout | views | image tok | preprocess ms | vision ms (per view) | "
+    head = ("| backend / quant | threads | image | layout | views | image tok | preprocess ms | vision ms (per view) | "
             "prefill ms (tok/s) | TTFT ms | decode tok/s | end to end ms | peak RSS MiB | artifacts MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case in result["cases"]:
         for row in case["images"]:
             s = row["stages"]
             lines.append(
-                f"| {_label(case)} | {Path(row['image']).name} | {row['layout']} | {row['views']} | "
+                f"| {_label(case)} | {_threads(case)} | {Path(row['image']).name} | {row['layout']} | {row['views']} | "
                 f"{row['image_tokens']} | {_ms(s['preprocess']) if 'preprocess' in s else 'on host'} | {_ms(s['vision'])} "
                 f"({1e3 * s['vision_per_view']['median']:.1f}) | {_ms(s['prefill'])} ({_rate(s['prefill_tok_s'])}) | "
                 f"{_ms(s['ttft'])} | {_rate(s['decode_tok_s'])} | {_ms(s['e2e'])} | {case['peak_rss_mib']:.0f} | "
@@ -46,37 +55,94 @@ def stage_table(result: dict) -> str:
 
 
 def llm_table(result: dict) -> str:
-    """llama-bench style pp / tg per case, with decode as a fraction of the memory-bandwidth bound."""
+    """llama-bench style pp / tg per case (tokens/s, mean ± stddev), with decode as a fraction of the
+    memory-bandwidth bound."""
     bw = result.get("bandwidth_gb_s")
-    lines = ["| backend / quant | pp tok/s | tg tok/s | LLM weights read per token MiB | "
-             "tg x weights / bandwidth |", "|---|---|---|---|---|"]
+    lines = ["| backend / quant | threads | pp tok/s | tg tok/s | LLM weights read per token MiB | "
+             "tg x weights / read bandwidth | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
     for case in result["cases"]:
         llm = case.get("llm")
         if not llm:
             continue
         read = case["decode_weight_bytes"]
-        frac = f"{llm['tg_tok_s']['median'] * read / (bw * 1e9):.0%}" if bw else "–"
-        lines.append(f"| {_label(case)} | pp{llm['pp_tokens']}: {_rate(llm['pp_tok_s'])} | "
-                     f"tg{llm['tg_tokens']}: {_rate(llm['tg_tok_s'])} | {_mib(read)} | {frac} |")
+        frac = f"{llm['tg_tok_s']['mean'] * read / (bw * 1e9):.0%}" if bw else "–"
+        lines.append(f"| {_label(case)} | {_threads(case)} | pp{llm['pp_tokens']}: {_mean_sd(llm['pp_tok_s'])} | "
+                     f"tg{llm['tg_tokens']}: {_mean_sd(llm['tg_tok_s'])} | {_mib(read)} | {frac} | "
+                     f"{case['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
 def peer_table(result: dict) -> str:
-    """Our LLM rows next to the peers' on the same shape, each as a ratio to the fastest peer."""
+    """Our LLM rows next to the peers' on the same shape, each as a ratio to the fastest peer (means)."""
     peers = result.get("peers") or []
     if not peers:
         return ""
-    best_pp = max(p["pp_tok_s"]["median"] for p in peers)
-    best_tg = max(p["tg_tok_s"]["median"] for p in peers)
-    rows = [(_label(c), c["llm"], None) for c in result["cases"] if c.get("llm")]
-    rows += [(p["peer"], p, p["artifact_bytes"]) for p in peers]
-    lines = ["| runtime / quant | pp tok/s | vs best peer | tg tok/s | vs best peer | peer model MiB |",
-             "|---|---|---|---|---|---|"]
-    for label, llm, size in rows:
-        pp, tg = llm["pp_tok_s"]["median"], llm["tg_tok_s"]["median"]
-        lines.append(f"| {label} | pp{llm['pp_tokens']}: {pp:.1f} | {pp / best_pp:.2f}x | tg{llm['tg_tokens']}: {tg:.1f} "
-                     f"| {tg / best_tg:.2f}x | {_mib(size) if size else '–'} |")
+    best_pp = max(p["pp_tok_s"]["mean"] for p in peers)
+    best_tg = max(p["tg_tok_s"]["mean"] for p in peers)
+    rows = [(_label(c), c["llm"], None, c) for c in result["cases"] if c.get("llm")]
+    rows += [(p["peer"], p, p["artifact_bytes"], p) for p in peers]
+    lines = ["| runtime / quant | threads | pp tok/s | vs best peer | tg tok/s | vs best peer | peer model MiB | "
+             "peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for label, llm, size, row in rows:
+        pp, tg = llm["pp_tok_s"]["mean"], llm["tg_tok_s"]["mean"]
+        lines.append(f"| {label} | {_threads(row)} | pp{llm['pp_tokens']}: {_mean_sd(llm['pp_tok_s'])} | "
+                     f"{pp / best_pp:.2f}x | tg{llm['tg_tokens']}: {_mean_sd(llm['tg_tok_s'])} | {tg / best_tg:.2f}x | "
+                     f"{_mib(size) if size else '–'} | {row['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
+
+
+def llm_records(result: dict) -> list[dict]:
+    """One record per LLM-alone test (ppN or tgN) of every case and peer, with llama-bench's field
+    names where it has one: the rows of `-o jsonl` and `-o csv`."""
+    m = result["machine"]
+    rows = [(_label(c), c) for c in result["cases"] if c.get("llm")]
+    rows += [(p["peer"], p) for p in result.get("peers") or []]
+    records = []
+    for label, row in rows:
+        llm = row["llm"] if "llm" in row else row
+        for test, key, n_prompt, n_gen in (("pp", "pp_tok_s", llm["pp_tokens"], 0), ("tg", "tg_tok_s", 0, llm["tg_tokens"])):
+            t = llm[key]
+            records.append({"runtime": label, "model": row.get("model") or row.get("shape"), "threads": row.get("threads"),
+                            "test": f"{test}{n_prompt or n_gen}", "n_prompt": n_prompt, "n_gen": n_gen,
+                            "avg_ts": t["mean"], "stddev_ts": t["stddev"], "samples_ts": t["samples"],
+                            "peak_rss_mib": row.get("peak_rss_mib"), "cpu_info": m["cpu"], "date": result["date"]})
+    return records
+
+
+def csv_text(records: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "samples_ts": " ".join(f"{x:.3f}" for x in r["samples_ts"])})
+    return buf.getvalue()
+
+
+def render(result: dict, fmt: str) -> str:
+    """The result in `-o` format: md (the tables), json (everything), jsonl / csv (the LLM-alone tests)."""
+    if fmt == "md":
+        return markdown(result)
+    if fmt == "json":
+        return json.dumps(result, indent=1)
+    if fmt == "jsonl":
+        return "\n".join(json.dumps(r) for r in llm_records(result))
+    if fmt == "csv":
+        return csv_text(llm_records(result))
+    raise ValueError(f"unknown output format {fmt!r}; choose md, json, jsonl or csv")
+
+
+OUTPUT_FORMATS = ("md", "json", "jsonl", "csv")
+
+
+def _change(new: dict, old: dict) -> str:
+    """The relative change of the medians, or "within noise" when the two runs' ranges overlap."""
+    if new["n"] > 1 and old["n"] > 1 and new["min"] <= old["max"] and old["min"] <= new["max"]:
+        return f"within noise ({new['median'] / old['median'] - 1:+.0%})"
+    return f"{new['median'] / old['median'] - 1:+.0%}"
 
 
 def skip_table(result: dict) -> str:
@@ -88,16 +154,19 @@ def skip_table(result: dict) -> str:
             other = by.get((image, "sphinx-1k"))
             if layout != "sphinx-x" or other is None:
                 continue
-            a, b = row["stages"]["ttft"]["median"], other["stages"]["ttft"]["median"]
-            lines.append(f"| {_label(case)} | {Path(image).name} | {1e3 * a:.1f} | {1e3 * b:.1f} | {a / b - 1:+.0%} |")
+            a, b = row["stages"]["ttft"], other["stages"]["ttft"]
+            lines.append(f"| {_label(case)} | {Path(image).name} | {_ms(a)} | {_ms(b)} | {_change(a, b)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     bw = result.get("bandwidth_gb_s")
+    threads = f"; {result['threads']} threads for every runtime" if result.get("threads") else ""
     parts = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; {result['date']}"
-             + (f"; copy bandwidth {bw:.1f} GB/s" if bw else ""), "", stage_table(result)]
+             + (f"; read bandwidth {bw:.1f} GB/s ({result.get('bandwidth_kind', '')})" if bw else "") + threads]
+    if any(c["images"] for c in result["cases"]):
+        parts += ["", stage_table(result)]
     if any(c.get("llm") for c in result["cases"]):
         parts += ["", llm_table(result)]
     for table in (peer_table(result), skip_table(result)):

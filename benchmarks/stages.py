@@ -2,7 +2,7 @@
 
 Works on any `runtime.pipeline.Pipeline`, whatever its backend, so ONNX, ExecuTorch and the
 PyTorch reference are timed by the same code. Each measurement runs `warmup` times untimed,
-then `repeats` times; results are medians with the spread (min, max).
+then `repeats` times; results keep every sample with their median, range, mean and stddev.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from sphinx_edge.runtime.pipeline import Pipeline
 
 
 def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    """Median with its range (the stage tables) and mean ± sample stddev with every sample (the LLM
+    figures, as llama-bench reports them)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "mean": statistics.fmean(values), "stddev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "samples": list(values)}
 
 
 def _repeat(fn: Callable[[], dict[str, float]], warmup: int, repeats: int) -> dict[str, dict]:

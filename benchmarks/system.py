@@ -13,25 +13,56 @@ import time
 import numpy as np
 
 
-def describe() -> dict:
-    """CPU model, core count, memory and OS: enough to tell two result tables apart."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one dict per logical CPU ([] where there is none)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
-        pass
+        return []
+    cpus = []
+    for block in text.strip().split("\n\n"):
+        cpus.append({k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())})
+    return cpus
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads not counted): the default thread count
+    of every runtime in a benchmark, as llama.cpp and onnxruntime choose for themselves."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = {(c.get("physical id", "0"), c.get("core id", c.get("processor"))) for c in _cpuinfo()
+             if int(c.get("processor", -1)) in allowed}
+    return max(1, len(cores) or len(allowed))
+
+
+def describe() -> dict:
+    """CPU model, flags, core counts, memory and OS: enough to tell two result tables apart."""
+    info = _cpuinfo()
+    cpu = next((c["model name"] for c in info if "model name" in c), platform.processor() or platform.machine())
+    flags = next((c.get("flags", c.get("Features", "")) for c in info), "").split()
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                        "avx_vnni", "amx_tile", "neon", "asimd", "asimddp", "sve", "i8mm") if f in flags]
     mem_gib = None
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory_gib": round(mem_gib, 1) if mem_gib else None, "os": platform.platform(),
-            "python": sys.version.split()[0]}
+    return {"cpu": cpu, "cpu_flags": simd,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "physical_cores": physical_cores(), "memory_gib": round(mem_gib, 1) if mem_gib else None,
+            "os": platform.platform(), "python": sys.version.split()[0]}
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of every runtime a benchmark may run (those installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("sphinx-edge", "onnxruntime", "executorch", "torch", "llama-cpp-python", "onnxruntime-genai", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def peak_rss_mib() -> float:
@@ -49,15 +80,21 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS reports bytes, Linux KiB
 
 
-def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
-    """Copy bandwidth in GB/s (bytes read + bytes written per second), median of `repeats` copies
-    of a buffer far larger than any cache."""
-    src = np.ones(mib * 2**20 // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch the pages first
+def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s with `threads` threads (default: the physical cores), each summing its
+    own slice of a buffer far larger than any cache: what decoding does with the weights, so
+    "weight bytes per token x tokens/s / this" is the fraction of the limit a decoder reaches. The
+    median of `repeats` passes. (numpy releases the GIL inside the sums, so the threads run together.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or physical_cores()
+    data = np.ones(mib * 2**20 // 8, dtype=np.float64)  # written once: every page is resident
+    slices = np.array_split(data, threads)
     speeds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        speeds.append(2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, slices))  # warm up the threads
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, slices))
+            speeds.append(data.nbytes / (time.perf_counter() - t0) / 1e9)
     return statistics.median(speeds)

@@ -22,6 +22,7 @@ class TorchBackend:
     def __init__(self, model: SphinxModel, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         model = model.eval()
         self.vision, self.embedding, self.decoder = VisionEncoder(model), TokenEmbedding(model), TextDecoder(model)
         self.max_seq_len = model.config.llm.max_seq_len

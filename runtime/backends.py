@@ -29,6 +29,7 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        self.threads = threads  # None: onnxruntime's default, one per physical core
         options.log_severity_level = 3
         # Idle intra-op threads spin by default; between graph calls they then steal the cores from
         # our own numpy work (image preprocessing tripled on 2 cores; benchmarks/RESULTS.md).
@@ -78,8 +79,12 @@ class PteBackend:
         import torch  # ExecuTorch's pybindings exchange torch tensors
         from executorch.runtime import Runtime
 
+        from executorch.extension.pybindings import portable_lib
+
         if threads:
-            torch.set_num_threads(threads)
+            # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.
+            portable_lib._unsafe_reset_threadpool(threads)
+        self.threads = portable_lib._threadpool_get_thread_count()
         self._torch = torch
         program = Runtime.get().load_program(Path(export_dir) / files["program"][0])
         self.methods = {name: program.load_method(name) for name in ("vision_encoder", "token_embedding", "text_decoder")}

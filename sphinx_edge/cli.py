@@ -585,19 +585,26 @@ def bench(
                                     "the context; 0 skips the LLM-alone rows).")] = 512,
     tg: Annotated[int, typer.Option(min=0, help="LLM alone: tokens generated (llama-bench tgN).")] = 128,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before the timed ones.")] = 1,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs; tables show medians and (min–max).")] = 5,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads per backend (default: each runtime's own).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs; stage tables show medians "
+                                         "and (min–max), the LLM-alone figures mean ± stddev.")] = 5,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for every runtime "
+                                                   "in the run, peers included (default: the physical cores).")] = None,
+    llm_only: Annotated[bool, typer.Option("--llm-only", help="Only the LLM-alone pp / tg figures: no image "
+                                           "stages.")] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="What to print: md (tables), json (the whole "
+                                        "result), jsonl or csv (one record per LLM-alone test, llama-bench's "
+                                        "fields).")] = "md",
     target: Annotated[str, typer.Option(help="local (this machine), android (adb + the C++ runner) or apple "
                                         "(run on a Mac with Apple silicon).")] = "local",
     bandwidth: Annotated[bool, typer.Option(help="Measure memory bandwidth, to express decode speed as a "
                                             "fraction of the bandwidth bound.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result here (JSON).")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Draw time to first token by stage here (PNG; needs "
-                                                "matplotlib: pip install 'sphinx-edge[bench]').")] = None,
+                                                "matplotlib: pip install 'sphinx-edge\\[bench]').")] = None,
     peer: Annotated[list[str], typer.Option(help="Also time a peer runtime on the exports' LLM shape (random "
                                             "weights, pp/tg as above): llama.cpp-Q4_0, llama.cpp-Q8_0, "
                                             "ort-genai-int4; repeat for several. Needs pip install "
-                                            "'sphinx-edge[peers]'.")] = [],
+                                            "'sphinx-edge\\[peers]'.")] = [],
     peers_dir: Annotated[Optional[Path], typer.Option(help="Where the peers' models are written and cached "
                                                       "(default: ~/.cache/sphinx-edge/peers).")] = None,
     runner_dir: Annotated[Optional[Path], typer.Option(help="--target android: the folder holding sphinx_runner built "
@@ -606,14 +613,17 @@ def bench(
 ) -> None:
     """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
     end to end), peak RSS and artifact sizes over exports x backends x images x skip tokens on/off;
-    print markdown tables, optionally save JSON and a PNG chart.
+    print markdown tables, optionally save JSON and a PNG chart. Every runtime in a run, peers
+    included, gets the same --threads; the count is in every row.
 
     Example: sphinx-edge bench exports/nano-int4 exports/nano-int8 --json bench.json --png bench.png
+
+    LLM alone, as llama-bench: sphinx-edge bench exports/tiny-int4 --llm-only -t 2 -r 5 --peer llama.cpp-Q4_0
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sphinx_edge.benchmarks.bench import BACKENDS, BenchSpec, TargetUnavailable, check_target, run_matrix
-    from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
+    from sphinx_edge.benchmarks.report import OUTPUT_FORMATS, render, save_chart, save_json
     from sphinx_edge.runtime.manifest import ManifestError, read_manifest
 
     from sphinx_edge.benchmarks.android import AndroidError, runner_files
@@ -630,6 +640,10 @@ def bench(
     for b in backend:
         if b not in BACKENDS:
             fail(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if output not in OUTPUT_FORMATS:
+        fail(f"--output: unknown format {output!r}; choose {', '.join(OUTPUT_FORMATS)}")
+    if llm_only and not pp and not tg:
+        fail("--llm-only times the LLM alone: give --pp and/or --tg above 0")
     layouts = {"on": [None], "off": ["sphinx-1k"], "both": [None, "sphinx-1k"]}.get(skip_tokens)
     if layouts is None:
         fail(f"--skip-tokens is on, off or both, not {skip_tokens!r}")
@@ -652,8 +666,10 @@ def bench(
             fail(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
     if peer and not pp and not tg:
         fail("--peer compares the LLM alone: give --pp and/or --tg above 0")
-    spec = BenchSpec(export_dirs, list(backend), images, layouts, prompt, decode_tokens, pp, tg, warmup, repeats,
-                     threads, bandwidth, list(peer), peers_dir, target, runner_dir)
+    spec = BenchSpec(export_dirs=export_dirs, backends=list(backend), images=images, layouts=layouts, prompt=prompt,
+                     decode_tokens=decode_tokens, pp=pp, tg=tg, warmup=warmup, repeats=repeats, threads=threads,
+                     llm_only=llm_only, bandwidth=bandwidth, peers=list(peer), peers_dir=peers_dir, target=target,
+                     runner_dir=runner_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("starting", total=n_cases + len(peer) + bandwidth)
@@ -669,7 +685,7 @@ def bench(
             result = run_matrix(spec, on_case)
         except AndroidError as e:
             fail(str(e))
-    console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
+    console.print(render(result, output), markup=False, highlight=False, soft_wrap=True)
     if json_out:
         save_json(result, json_out)
         console.print(f"wrote {json_out}")

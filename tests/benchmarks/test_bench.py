@@ -116,3 +116,59 @@ def test_peak_rss_is_the_child_process_own(tmp_path):
                             "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
     assert peak_rss_mib() > 200
     assert float(child.stdout) < 150
+
+
+def test_every_runtime_gets_the_same_threads_by_default(result):
+    from sphinx_edge.benchmarks.system import physical_cores
+
+    assert result["threads"] == physical_cores()
+    assert {c["threads"] for c in result["cases"]} == {result["threads"]}
+    assert "threads for every runtime" in markdown(result)
+    assert result["versions"]["onnxruntime"] and result["machine"]["cpu_flags"] is not None
+
+
+def test_llm_only_with_peers_records_one_thread_count_in_every_row(nano_int4_pte, tmp_path):
+    """The fairness contract: the same --threads reaches our runtime and both peers (llama.cpp's
+    prompt and generation threads alike), and each row says so in the JSON."""
+    from conftest import missing_tool
+    from tests.test_cli import run
+
+    for module in ("llama_cpp", "onnxruntime_genai", "gguf"):
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            missing_tool(f"{module} is not installed (pip install -e '.[peers]', or make deps)")
+    code, out = run("bench", nano_int4_pte, "--backend", "pte", "--llm-only", "-t", "1", "-r", "2", "--warmup", "0",
+                    "--pp", "16", "--tg", "4", "--peer", "llama.cpp-Q4_0", "--peer", "ort-genai-int4",
+                    "--peers-dir", tmp_path / "peers", "--no-bandwidth", "--json", tmp_path / "b.json", "-o", "jsonl")
+    assert code == 0, out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["threads"] == 1 and result["settings"]["llm_only"]
+    assert [c["threads"] for c in result["cases"]] == [1] and result["cases"][0]["images"] == []
+    assert {p["peer"]: p["threads"] for p in result["peers"]} == {"llama.cpp-Q4_0": 1, "ort-genai-int4": 1}
+    assert result["peers"][0]["threads_batch"] == 1
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(records) == 6 and {r["threads"] for r in records} == {1}
+    assert {r["test"] for r in records} == {"pp16", "tg4"} and all(len(r["samples_ts"]) == 2 for r in records)
+
+
+def test_output_formats_and_changes_within_noise(result):
+    from sphinx_edge.benchmarks.report import _change, render
+
+    assert json.loads(render(result, "json"))["threads"] == result["threads"]
+    csv = render(result, "csv").splitlines()
+    assert csv[0].startswith("runtime,model,threads,test") and len(csv) == 1 + 2 * len(result["cases"])
+    with pytest.raises(ValueError, match="unknown output format"):
+        render(result, "xml")
+
+    def stage(lo, med, hi):
+        return {"min": lo, "median": med, "max": hi, "n": 3}
+
+    assert _change(stage(9, 10, 11), stage(10.5, 12, 13)).startswith("within noise")
+    assert _change(stage(5, 6, 7), stage(10, 12, 13)) == "-50%"
+
+
+def test_read_bandwidth_uses_every_thread():
+    from sphinx_edge.benchmarks.system import memory_bandwidth
+
+    assert memory_bandwidth(threads=2, mib=64, repeats=3) > 0.5
