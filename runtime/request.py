@@ -82,7 +82,8 @@ def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: 
         # request made for another export fails clearly instead of producing noise.
         "program": {"tokens_per_view": cfg.tokens_per_view, "tile_size": cfg.convnext.image_size,
                     "dino_size": cfg.dinov2.image_size, "skip_id": cfg.skip_id,
-                    "vocab_size": cfg.llm.vocab_size, "max_seq_len": cfg.llm.max_seq_len},
+                    "vocab_size": cfg.llm.vocab_size, "max_seq_len": cfg.llm.max_seq_len,
+                    "embedding_rows": cfg.llm.vocab_size + cfg.n_special_tokens},
         "sequence_length": sequence_length(segments, cfg.tokens_per_view),
         "max_new_tokens": max_new_tokens,
         "eos_ids": [pipeline.tokenizer.eos_id],
@@ -154,13 +155,14 @@ def _segments(blob: bytes, header: dict[str, Any]) -> list[Segment]:
     if not (0 <= offset <= len(blob) and 0 <= nbytes <= len(blob) - offset and nbytes % 4 == 0):
         raise ValueError("truncated: the image data runs past the end of the file")
     data = np.frombuffer(blob, dtype="<f4", count=nbytes // 4, offset=offset)
-    vocab_size = header["program"]["vocab_size"]
+    program = header["program"]
+    rows = program["embedding_rows"] if "embedding_rows" in program else program["vocab_size"] + 3
     segments = []
     for entry in header["segments"]:
         if "tokens" in entry:
             tokens = [int(t) for t in entry["tokens"]]
-            if not tokens or not all(0 <= t < vocab_size for t in tokens):
-                raise ValueError("a token segment is empty or holds an id outside the vocabulary")
+            if not tokens or not all(0 <= t < rows for t in tokens):
+                raise ValueError("a token segment is empty or holds an id outside the embedding table")
             segments.append(Segment(tokens=tuple(tokens)))
             continue
         shape, start = entry["image"]["shape"], entry["image"]["offset"]

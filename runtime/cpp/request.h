@@ -339,17 +339,20 @@ struct Request {
     r.data.resize(static_cast<size_t>(data_bytes / 4));
     if (data_bytes) std::memcpy(r.data.data(), file.data() + data_offset, static_cast<size_t>(data_bytes));
 
-    // Ids index the program's embedding table: every one must lie inside it.
-    const int64_t vocab_size = h.at("program").at("vocab_size").integer();
+    // Ids index the program's embedding table (the text vocabulary, then the skip / start / end ids):
+    // every one must lie inside it. Requests of earlier versions name only the text vocabulary.
+    const Json& program = h.at("program");
+    const int64_t embedding_rows = program.has("embedding_rows") ? program.at("embedding_rows").integer()
+                                                                 : program.at("vocab_size").integer() + 3;
     for (const Json& s : h.at("segments").list()) {
       Segment seg;
       if (s.has("tokens")) {
         seg.tokens = s.at("tokens").integers();
         if (seg.tokens.empty()) throw Error(path + ": a token segment is empty");
         for (int64_t id : seg.tokens)
-          if (id < 0 || id >= vocab_size)
-            throw Error(path + ": token id " + std::to_string(id) + " is outside the vocabulary (" +
-                        std::to_string(vocab_size) + ")");
+          if (id < 0 || id >= embedding_rows)
+            throw Error(path + ": token id " + std::to_string(id) + " is outside the embedding table (" +
+                        std::to_string(embedding_rows) + " rows)");
       } else {
         const Json& image = s.at("image");
         const int64_t floats = data_bytes / 4;

@@ -36,7 +36,7 @@ def _segments(vocab_size: int):
 def test_request_round_trip(onnx_export, data):
     _, out, _ = onnx_export
     pipeline = Pipeline(out, backend=None)
-    segments = data.draw(_segments(pipeline.config.llm.vocab_size))
+    segments = data.draw(_segments(pipeline.config.llm.vocab_size + pipeline.config.n_special_tokens))
     max_new = data.draw(st.integers(1, 1000))
     blob = encode_request(pipeline, segments, max_new)
     header, back = decode_request(blob)
