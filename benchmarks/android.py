@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sphinx_edge.benchmarks.device_output import RunnerOutputError, parse_runner_output
 from sphinx_edge.benchmarks.stages import summary
+from sphinx_edge.errors import UserError
 from sphinx_edge.runtime.manifest import graph_files, read_manifest
 from sphinx_edge.runtime.request import write_request
 
@@ -26,7 +27,7 @@ RUNNER = "sphinx_runner"
 STAGES = ("vision", "vision_per_view", "prefill", "prefill_tok_s", "ttft", "decode_tok_s", "e2e")
 
 
-class AndroidError(RuntimeError):
+class AndroidError(UserError, RuntimeError):
     """adb, the device or the runner failed; the message says which and how."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sphinx_edge.benchmarks.system import describe, memory_bandwidth, physical_cores, runtime_versions
 from sphinx_edge.config import SphinxConfig, parameter_counts
+from sphinx_edge.errors import UserError
 from sphinx_edge.runtime.manifest import read_manifest
 
 BACKENDS = ("torch", "onnx", "pte")
@@ -30,7 +31,7 @@ DEFAULT_ANDROID_RUNNER = Path("build/cpp-android")  # runtime/cpp/README.md: the
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 
 
-class TargetUnavailable(RuntimeError):
+class TargetUnavailable(UserError, RuntimeError):
     """The chosen target's hardware or tools are not here."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from sphinx_edge.benchmarks.stages import summary
 from sphinx_edge.benchmarks.system import peak_rss_mib
 from sphinx_edge.config import LLMConfig
+from sphinx_edge.errors import UserError
 
 # name -> (runtime, quantization)
 PEERS = {"llama.cpp-Q4_0": ("llama.cpp", "Q4_0"), "llama.cpp-Q8_0": ("llama.cpp", "Q8_0"),
@@ -31,7 +32,7 @@ PEERS = {"llama.cpp-Q4_0": ("llama.cpp", "Q4_0"), "llama.cpp-Q8_0": ("llama.cpp"
 PACKAGES = {"llama.cpp": ("llama_cpp", "llama-cpp-python"), "onnxruntime-genai": ("onnxruntime_genai", "onnxruntime-genai")}
 
 
-class PeerUnavailable(RuntimeError):
+class PeerUnavailable(UserError, RuntimeError):
     """The peer's package is not installed."""
 
 

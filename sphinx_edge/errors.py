@@ -40,7 +40,7 @@ def user_message(error: BaseException) -> str:
             return f"{where}no space left on the device"
         return f"{where}{error.strerror}"
     if isinstance(error, MemoryError):
-        return f"out of memory{': ' + str(error) if str(error) else ''} (a smaller size, --max-views or fewer threads may fit)"
+        return f"out of memory{': ' + str(error) if str(error) else ''} (a smaller model or fewer threads may fit)"
     if isinstance(error, UnicodeError):
         return f"text that is not valid Unicode: {error}"
     text = " ".join(str(error).split()) or type(error).__name__

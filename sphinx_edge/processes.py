@@ -21,10 +21,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from sphinx_edge.errors import UserError
+
 PR_SET_PDEATHSIG = 1
 
 
-class ChildFailed(RuntimeError):
+class ChildFailed(UserError, RuntimeError):
     """The child process died without an answer (killed, out of memory, a crash in native code)."""
 
 
