@@ -147,7 +147,8 @@ def _change(new: dict, old: dict) -> str:
 
 def skip_table(result: dict) -> str:
     """Time to first token with skip tokens (sphinx-x) against every tile encoded (sphinx-1k), per image."""
-    lines = ["| backend / quant | image | TTFT skip tokens ms | TTFT all tiles ms | change |", "|---|---|---|---|---|"]
+    lines = ["| backend / quant | threads | image | TTFT skip tokens ms | TTFT all tiles ms | change |",
+             "|---|---|---|---|---|---|"]
     for case in result["cases"]:
         by = {(r["image"], r["layout"]): r for r in case["images"]}
         for (image, layout), row in by.items():
@@ -155,7 +156,8 @@ def skip_table(result: dict) -> str:
             if layout != "sphinx-x" or other is None:
                 continue
             a, b = row["stages"]["ttft"], other["stages"]["ttft"]
-            lines.append(f"| {_label(case)} | {Path(image).name} | {_ms(a)} | {_ms(b)} | {_change(a, b)} |")
+            lines.append(f"| {_label(case)} | {_threads(case)} | {Path(image).name} | {_ms(a)} | {_ms(b)} | "
+                         f"{_change(a, b)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

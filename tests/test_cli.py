@@ -1,5 +1,6 @@
 """The command line, run as a user would (typer's runner, and one real subprocess)."""
 
+import json
 import subprocess
 import sys
 
@@ -188,7 +189,8 @@ def test_bench_prints_the_table_and_refuses_bad_options(onnx_export, tmp_path):
                     "--warmup", "0", "--pp", "8", "--tg", "2", "--decode-tokens", "2", "--no-bandwidth",
                     "--json", tmp_path / "b.json")
     assert code == 0, out
-    assert out.count("| onnx fp32 | tall_1x3.png |") == 3 and "pp8:" in out and (tmp_path / "b.json").exists()
+    threads = json.loads((tmp_path / "b.json").read_text())["threads"]
+    assert out.count(f"| onnx fp32 | {threads} | tall_1x3.png |") == 3 and "pp8:" in out
     code, out = run("bench", out_dir, "--backend", "tflite")
     assert code == 2 and "unknown backend 'tflite'" in out
     code, out = run("bench", tmp_path, "--backend", "onnx")
