@@ -307,7 +307,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         (stage / STAGING_MARK).unlink()
-        publish_mode(stage)
+        for path in [stage, *stage.iterdir()]:  # some writers (onnx's external data) create files 0600
+            publish_mode(path)
         check_target(out_dir, overwrite)  # again: the user may have put files there meanwhile
         replace_dir(stage, out_dir)
     except BaseException:

@@ -125,7 +125,7 @@ def test_artifacts_follow_the_users_umask(model_factory, tokenizer_file, tmp_pat
     old = os.umask(0o022)
     try:
         export_model(model_factory("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
-                     ExportOptions(formats=("onnx", "pte"), verify=False))
+                     ExportOptions(quant="int4", formats=("onnx", "pte"), verify=False))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o755
