@@ -205,5 +205,5 @@ def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) ->
         on_case("memory bandwidth")
     return {"date": date.today().isoformat(), "machine": describe(), "versions": runtime_versions(),
             "threads": spec.threads, "bandwidth_gb_s": memory_bandwidth(spec.threads) if spec.bandwidth else None,
-            "bandwidth_kind": f"read, {spec.threads} threads",
+            "bandwidth_kind": f"read, {spec.threads} threads, median of 15",
             "settings": _settings(spec), "cases": cases, "peers": peers, "skipped": skipped}

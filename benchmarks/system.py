@@ -80,11 +80,15 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS reports bytes, Linux KiB
 
 
-def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 7) -> float:
-    """Read bandwidth in GB/s with `threads` threads (default: the physical cores), each summing its
-    own slice of a buffer far larger than any cache: what decoding does with the weights, so
-    "weight bytes per token x tokens/s / this" is the fraction of the limit a decoder reaches. The
-    median of `repeats` passes. (numpy releases the GIL inside the sums, so the threads run together.)"""
+def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int = 15) -> float:
+    """Read bandwidth in GB/s with `threads` threads (default: the physical cores), each taking the
+    maximum of its own slice of a buffer far larger than any cache: what decoding does with the
+    weights, so "weight bytes per token x tokens/s / this" is the fraction of the limit a decoder
+    reaches. The median of `repeats` passes: on a shared VM the best pass was an outlier (65 GB/s
+    once, against a usual 35-42 here). numpy releases the GIL inside the
+    reduction, so the threads run together. `max` rather than `sum`: numpy's pairwise sum is
+    compute-bound at about 18 GB/s a core here, well below what one core can read (measured on
+    dev-cpu, 2 threads: sum 33, max 40, BLAS gemv 38-41 GB/s; benchmarks/RESULTS.md)."""
     from concurrent.futures import ThreadPoolExecutor
 
     threads = threads or physical_cores()
@@ -92,9 +96,9 @@ def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 
     slices = np.array_split(data, threads)
     speeds = []
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.sum, slices))  # warm up the threads
+        list(pool.map(np.max, slices))  # warm up the threads
         for _ in range(repeats):
             t0 = time.perf_counter()
-            list(pool.map(np.sum, slices))
+            list(pool.map(np.max, slices))
             speeds.append(data.nbytes / (time.perf_counter() - t0) / 1e9)
     return statistics.median(speeds)
