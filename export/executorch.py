@@ -14,6 +14,7 @@ int8 weight-only. Everything that XNNPACK supports is delegated to it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -95,13 +96,20 @@ def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = 
     return meta
 
 
+def with_context(model: SphinxModel, max_seq_len: int) -> SphinxModel:
+    """`model` (in place) as a model whose context is `max_seq_len`: the size of the static KV cache
+    and what the program's shapes and constant methods say."""
+    llm = dataclasses.replace(model.config.llm, max_seq_len=max_seq_len)
+    model.config = dataclasses.replace(model.config, llm=llm)
+    model.llm.config = llm
+    return model
+
+
 def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
-                    embedding_quant: str, in_place: bool = False,
-                    backend: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
-    """The three methods as ExportedPrograms. Quantization works on a copy of `model`, or on
-    `model` itself when `in_place` (no second copy of a large model's weights)."""
+                    embedding_quant: str, backend: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
+    """The three methods as ExportedPrograms of `model`, which this quantizes in place."""
     cfg = model.config
-    model = (model if in_place else copy.deepcopy(model)).eval()
+    model = model.eval()
     if quant in ("int8", "int4"):  # the decoder is lowered to XNNPACK with either backend
         _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
         _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
@@ -160,9 +168,10 @@ def _partitioner(backend: str):
 
 def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
                vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
-               on_stage=None, in_place: bool = False, backend: str = "xnnpack") -> dict:
+               on_stage=None, in_place: bool = False, backend: str = "xnnpack", max_seq_len: int | None = None) -> dict:
     """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. With `in_place`
-    the model's own linears are quantized (the caller no longer needs its fp32 weights).
+    the model's own linears are quantized (the caller no longer needs its fp32 weights), else a
+    copy's. `max_seq_len`: the program's context (its static cache), default the model's.
     `backend`: xnnpack (CPU, any platform) or coreml (the vision encoder on Apple's Core ML, with
     weight-only int8; the decoder on XNNPACK, see `_partitioners`)."""
     if quant not in PTE_QUANTS:
@@ -177,7 +186,10 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
 
     if on_stage:
         on_stage("pte export")
-    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, in_place, backend)
+    model = model if in_place else copy.deepcopy(model)
+    if max_seq_len:
+        with_context(model, max_seq_len)
+    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, backend)
     if on_stage:
         on_stage(f"pte lower ({backend})")
     with quiet():

@@ -8,6 +8,7 @@ it replaces stays whole until then. A target that holds an export is replaced on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from sphinx_edge.config import SphinxConfig
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.io import publish_mode, replace_dir
 from sphinx_edge.model.sphinx import SphinxModel
@@ -47,6 +49,7 @@ class ExportOptions:
     verify: bool = True
     eval_samples: int = 0  # held-out synthetic questions to score (SPHINX-Nano)
     pte_backend: str = "xnnpack"  # or coreml: the vision encoder on Core ML (see executorch.py)
+    max_seq_len: int | None = None  # the export's context; None: `context_length`'s default
 
     @property
     def vision(self) -> str:
@@ -54,6 +57,27 @@ class ExportOptions:
         if self.vision_quant:
             return self.vision_quant
         return "int8" if self.quant in ("int8", "int4") else self.quant
+
+
+CONVERSATION_TOKENS = 512  # text room beside the longest image in the default context
+MIN_TEXT_TOKENS = 256  # the least: the system prompt, a question, an answer (and the export's own check)
+
+
+def context_length(config: SphinxConfig, requested: int | None = None) -> int:
+    """The context an export is built for. The .pte's static KV cache has exactly this many slots and
+    its decoder attends to all of them at every step, so a context sized to the use beats the
+    model's maximum: by default the longest image plus a conversation, rounded up to a power of two,
+    at most the model's own (SPHINX-Tiny: 1295 + 512 -> 2048 of 4096)."""
+    limit, longest_image = config.llm.max_seq_len, (config.grid**2 + 1) * config.tokens_per_view
+    if requested is None:
+        return min(limit, 1 << (longest_image + CONVERSATION_TOKENS - 1).bit_length())
+    if requested > limit:
+        raise ExportError(f"--max-seq-len {requested} is longer than {config.name}'s context ({limit} tokens)")
+    if requested < longest_image + MIN_TEXT_TOKENS:
+        raise ExportError(f"--max-seq-len {requested} cannot hold {config.name}'s longest image "
+                          f"({longest_image} tokens) and {MIN_TEXT_TOKENS} tokens of text: give at least "
+                          f"{longest_image + MIN_TEXT_TOKENS}")
+    return requested
 
 
 def _tool_versions() -> dict[str, str]:
@@ -193,7 +217,7 @@ def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpt
     """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`."""
     from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
-    model = load()
+    model = load()  # the ONNX decoder's past grows with the sequence: its graphs do not depend on the context
     fp32 = write_graphs(model, stage / ".fp32", on_stage=say)
     del model  # the quantizers read the graphs from disk
     release_memory()
@@ -211,7 +235,7 @@ def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpti
 
     return export_pte(load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
                       embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, on_stage=say,
-                      in_place=in_place, backend=options.pte_backend)
+                      in_place=in_place, backend=options.pte_backend, max_seq_len=options.max_seq_len)
 
 
 def _in_own_process(stage_fn, *args):
@@ -260,6 +284,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         say("load the model")
         current: SphinxModel | None = load()
         config = current.config
+    options = dataclasses.replace(options, max_seq_len=context_length(config, options.max_seq_len))
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, max_seq_len=options.max_seq_len))
     check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_stages(out_dir.parent)

@@ -379,6 +379,10 @@ def export_cmd(
     eval_samples: Annotated[int, typer.Option("--eval", min=0, help="Also score N held-out synthetic questions "
                                               "(torch vs export; meaningful for nano).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
+    max_seq_len: Annotated[Optional[int], typer.Option(min=1, help="The export's context in tokens (the .pte's "
+                                                       "static KV cache has this many slots; a decode step "
+                                                       "attends to all of them). Default: the longest image "
+                                                       "plus 512, as a power of two, at most the model's.")] = None,
     backend: Annotated[str, typer.Option(help="pte lowering: xnnpack (CPU, any device) or coreml (the vision "
                                          "encoder on Apple's Core ML, compiled on the device; the decoder on "
                                          "XNNPACK). Core ML exports cannot be run or verified off Apple devices.")] = "xnnpack",
@@ -439,7 +443,8 @@ def export_cmd(
         if tok.vocab_size > vocab_size:
             fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {vocab_size}")
         options = ExportOptions(quant=quant, formats=formats, vision_quant=vision_quant, embedding_quant=embedding_quant,
-                                group_size=group_size, verify=verify, eval_samples=eval_samples, pte_backend=backend)
+                                group_size=group_size, verify=verify, eval_samples=eval_samples, pte_backend=backend,
+                                max_seq_len=max_seq_len)
         started = time.perf_counter()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                       transient=True) as bar:

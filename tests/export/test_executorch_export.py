@@ -107,3 +107,31 @@ def test_export_from_a_model_source_runs_each_stage_in_its_own_process(tokenizer
     assert manifest["source"] == {"random_init": True, "seed": 3}
     for fmt in ("onnx", "pte"):
         assert manifest["verification"][fmt]["passed"], manifest["verification"][fmt]
+
+
+def test_the_export_context_sizes_the_static_cache(model_factory, tokenizer_file, tmp_path):
+    """--max-seq-len: a shorter context is what the program, its constant methods, the manifest and
+    the runtime all say, and the answers stay the PyTorch model's."""
+    from executorch.runtime import Runtime
+
+    from sphinx_edge.config import get_config
+    from sphinx_edge.export.exporter import ExportError, ExportOptions, context_length, export_model
+    from sphinx_edge.runtime.pipeline import Pipeline
+    from sphinx_edge.tokenizer import Tokenizer
+
+    assert context_length(get_config("tiny")) == 2048  # 1295 image tokens + 512, as a power of two
+    assert context_length(get_config("nano")) == 512 == context_length(get_config("test-tiny"))  # their own max
+    with pytest.raises(ExportError, match="longer than"):
+        context_length(get_config("nano"), 1024)
+    with pytest.raises(ExportError, match="longest image"):
+        context_length(get_config("tiny"), 1200)
+    model = model_factory("test-tiny")
+    manifest = export_model(model, Tokenizer(tokenizer_file), tmp_path / "e",
+                            ExportOptions(formats=("onnx", "pte"), max_seq_len=384))
+    assert model.config.llm.max_seq_len == 512  # the caller's model is not changed
+    assert manifest["model"]["config"]["llm"]["max_seq_len"] == 384
+    assert manifest["verification"]["pte"]["greedy_identical"] and manifest["verification"]["onnx"]["greedy_identical"]
+    program = Runtime.get().load_program(tmp_path / "e" / "program.pte")
+    assert program.load_method("get_max_seq_len").execute([])[0] == 384
+    for backend in ("onnx", "pte"):
+        assert Pipeline(tmp_path / "e", backend).backend.max_seq_len == 384
