@@ -124,18 +124,9 @@ def csv_text(records: list[dict]) -> str:
 
 def render(result: dict, fmt: str) -> str:
     """The result in `-o` format: md (the tables), json (everything), jsonl / csv (the LLM-alone tests)."""
-    if fmt == "md":
-        return markdown(result)
-    if fmt == "json":
-        return json.dumps(result, indent=1)
-    if fmt == "jsonl":
-        return "\n".join(json.dumps(r) for r in llm_records(result))
-    if fmt == "csv":
-        return csv_text(llm_records(result))
-    raise ValueError(f"unknown output format {fmt!r}; choose md, json, jsonl or csv")
-
-
-OUTPUT_FORMATS = ("md", "json", "jsonl", "csv")
+    if fmt not in RENDERERS:
+        raise ValueError(f"unknown output format {fmt!r}; choose {', '.join(RENDERERS)}")
+    return RENDERERS[fmt](result)
 
 
 def _change(new: dict, old: dict) -> str:
@@ -209,3 +200,12 @@ def save_chart(result: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+RENDERERS = {
+    "md": markdown,
+    "json": lambda result: json.dumps(result, indent=1),
+    "jsonl": lambda result: "\n".join(json.dumps(r) for r in llm_records(result)),
+    "csv": lambda result: csv_text(llm_records(result)),
+}
+OUTPUT_FORMATS = tuple(RENDERERS)

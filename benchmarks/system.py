@@ -9,6 +9,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +17,7 @@ import numpy as np
 def _cpuinfo() -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per logical CPU ([] where there is none)."""
     try:
-        text = open("/proc/cpuinfo", encoding="utf-8").read()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return []
     cpus = []
@@ -54,15 +55,10 @@ def describe() -> dict:
 
 def runtime_versions() -> dict[str, str]:
     """Versions of every runtime a benchmark may run (those installed)."""
-    from importlib import metadata
+    from sphinx_edge.versions import installed_versions
 
-    versions = {}
-    for dist in ("sphinx-edge", "onnxruntime", "executorch", "torch", "llama-cpp-python", "onnxruntime-genai", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return installed_versions(("sphinx-edge", "onnxruntime", "executorch", "torch", "llama-cpp-python",
+                               "onnxruntime-genai", "numpy"))
 
 
 def peak_rss_mib() -> float:

@@ -1,6 +1,6 @@
 """ExecuTorch export: one `program.pte` with the methods ExecuTorch's multimodal runner expects.
 
-Methods (DESIGN.md section 4): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
+Methods (docs/design.md, section 3): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
 `token_embedding` (ids [1, L] over text vocabulary + skip/start/end), `text_decoder` (embeddings
 [1, L, dim] + positions [L] -> last-token logits, static KV cache inside as mutable buffers), plus
 constant methods with the metadata a runner reads (`get_max_seq_len`, `get_vocab_size`, ...).
@@ -14,7 +14,6 @@ int8 weight-only. Everything that XNNPACK supports is delegated to it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from pathlib import Path
 
@@ -99,9 +98,8 @@ def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = 
 def with_context(model: SphinxModel, max_seq_len: int) -> SphinxModel:
     """`model` (in place) as a model whose context is `max_seq_len`: the size of the static KV cache
     and what the program's shapes and constant methods say."""
-    llm = dataclasses.replace(model.config.llm, max_seq_len=max_seq_len)
-    model.config = dataclasses.replace(model.config, llm=llm)
-    model.llm.config = llm
+    model.config = model.config.with_context(max_seq_len)
+    model.llm.config = model.config.llm
     return model
 
 

@@ -17,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from sphinx_edge.config import SphinxConfig
@@ -26,6 +25,7 @@ from sphinx_edge.io import publish_mode, replace_dir
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
+from sphinx_edge.versions import installed_versions
 
 FORMATS = ("onnx", "pte")
 COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
@@ -81,13 +81,8 @@ def context_length(config: SphinxConfig, requested: int | None = None) -> int:
 
 
 def _tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("sphinx-edge", "torch", "onnx", "onnxruntime", "executorch", "torchao"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return {"python": platform.python_version(),
+            **installed_versions(("sphinx-edge", "torch", "onnx", "onnxruntime", "executorch", "torchao"))}
 
 
 def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, graphs: dict,
@@ -285,7 +280,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         current: SphinxModel | None = load()
         config = current.config
     options = dataclasses.replace(options, max_seq_len=context_length(config, options.max_seq_len))
-    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, max_seq_len=options.max_seq_len))
+    config = config.with_context(options.max_seq_len)
     check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_stages(out_dir.parent)

@@ -5,7 +5,7 @@
   passes the encoded views only, so fully padded tiles cost nothing.
 * `TokenEmbedding`: ids [1, L] -> [1, L, dim] over the text vocabulary plus the three image
   specials (skip, start_img, end_img at ids vocab, vocab + 1, vocab + 2), so any runner can place
-  a skip tile as a plain token (DESIGN.md section 4).
+  a skip tile as a plain token (docs/design.md, section 3).
 * `TextDecoder` (ExecuTorch): embeddings [1, L, dim] + positions [L] -> last-token logits
   [1, 1, vocab], with the static KV cache inside as mutable buffers.
 * `PastKVDecoder` (ONNX): the optimum / transformers.js contract: `inputs_embeds`,

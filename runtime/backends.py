@@ -77,9 +77,8 @@ class PteBackend:
     def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
                  threads: int | None = None) -> None:
         import torch  # ExecuTorch's pybindings exchange torch tensors
-        from executorch.runtime import Runtime
-
         from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
 
         if threads:
             # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.

@@ -1,6 +1,6 @@
 """Size registry: every SPHINX-X size and the small test sizes.
 
-All model facts live here (DESIGN.md section 2), so that a correction is a one-line change.
+All model facts live here (docs/design.md states the rules that use them), so that a correction is a one-line change.
 Torch-free: the runtime reads configs from export manifests through `SphinxConfig.from_dict`.
 """
 
@@ -144,6 +144,10 @@ class SphinxConfig:
     @property
     def end_img_id(self) -> int:
         return self.llm.vocab_size + 2
+
+    def with_context(self, max_seq_len: int) -> SphinxConfig:
+        """This config with an LLM context of `max_seq_len` tokens (an export built for a shorter one)."""
+        return dataclasses.replace(self, llm=dataclasses.replace(self.llm, max_seq_len=max_seq_len))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

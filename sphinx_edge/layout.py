@@ -1,4 +1,4 @@
-"""Image loading, tiling, views and the image token layout of SPHINX-X (DESIGN.md 2.1).
+"""Image loading, tiling, views and the image token layout of SPHINX-X (docs/design.md, section 1).
 
 TORCH-FREE on purpose: the model (training, export) and the torch-free runtime both import this
 module, so that both cut an image into views the same way. Only numpy, pillow and the standard

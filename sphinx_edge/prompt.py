@@ -1,4 +1,4 @@
-"""The conv_v1_2 prompt template of LLaMA2-Accessory (DESIGN.md 2.2). Torch-free.
+"""The conv_v1_2 prompt template of LLaMA2-Accessory (docs/design.md, section 2). Torch-free.
 
 The text is the "SINGLE" separator style:
 
@@ -75,13 +75,18 @@ def answer_room(max_new_tokens: int, context: int) -> int:
 
 
 def check_text(text: str, what: str) -> str:
-    """`text` if it is a usable question; ValueError naming `what` if it is empty or not Unicode that
-    UTF-8 can carry (undecodable bytes in argv or stdin arrive as lone surrogates)."""
+    """`text` if it is a usable question; ValueError naming `what` if it is empty or not valid UTF-8."""
     if not text.strip():
         raise ValueError(f"{what} is empty")
+    check_utf8(text, what)
+    return text
+
+
+def check_utf8(text: str, what: str, error: type[ValueError] = ValueError) -> None:
+    """`error` naming `what` unless UTF-8 can carry `text`: undecodable bytes in argv or stdin arrive
+    in Python as lone surrogates, which SentencePiece's binding would fail on with a RuntimeError."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid UTF-8 text (undecodable bytes at character {e.start}); "
-                         "check the terminal's or file's encoding") from None
-    return text
+        raise error(f"{what} is not valid UTF-8 text (undecodable bytes at character {e.start}); "
+                    "check the terminal's or file's encoding") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sphinx_edge.prompt import check_utf8
+
 
 class TokenizerError(ValueError):
     pass
@@ -28,13 +30,13 @@ class Tokenizer:
         self.vocab_size: int = self.sp.vocab_size()
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        _check_utf8(text)
+        check_utf8(text, "the text", TokenizerError)
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_with_offsets(self, text: str, *, bos: bool = False) -> tuple[list[int], list[int]]:
         """Ids and the character offset where each token starts (BOS starts at 0)."""
-        _check_utf8(text)
+        check_utf8(text, "the text", TokenizerError)
         proto = self.sp.encode(text, return_type="proto")
         # SentencePiece reports byte offsets; map them to character offsets.
         char_of_byte = {}
@@ -58,12 +60,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds([i for i in ids if 0 <= i < self.vocab_size])
-
-
-def _check_utf8(text: str) -> None:
-    """SentencePiece takes UTF-8: lone surrogates (undecodable input bytes) get a clear error here
-    instead of a RuntimeError from the binding."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise TokenizerError(f"the text is not valid UTF-8 (undecodable bytes at character {e.start})") from None
