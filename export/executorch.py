@@ -120,7 +120,7 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     max_views = cfg.grid * cfg.grid + 1
     pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
     seq = Dim("seq_len", min=1, max=cfg.llm.max_seq_len)
-    model.llm.setup_caches(max_seq_len=cfg.llm.max_seq_len)
+    decoder = TextDecoder(model, max_seq_len=cfg.llm.max_seq_len)
     programs = {}
     with quiet(), torch.no_grad():
         programs["vision_encoder"] = torch.export.export(
@@ -128,7 +128,7 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
         programs["token_embedding"] = torch.export.export(
             embedding, (torch.zeros(1, 3, dtype=torch.long),), dynamic_shapes=({1: seq},))
         programs["text_decoder"] = torch.export.export(
-            TextDecoder(model), (torch.zeros(1, 3, cfg.llm.dim), torch.arange(3)),
+            decoder, (torch.zeros(1, 3, cfg.llm.dim), torch.arange(3)),
             dynamic_shapes=({1: seq}, {0: seq}))
     return programs
 

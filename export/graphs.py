@@ -7,10 +7,12 @@
   specials (skip, start_img, end_img at ids vocab, vocab + 1, vocab + 2), so any runner can place
   a skip tile as a plain token (docs/design.md, section 3).
 * `TextDecoder` (ExecuTorch): embeddings [1, L, dim] + positions [L] -> last-token logits
-  [1, 1, vocab], with the static KV cache inside as mutable buffers.
+  [1, 1, vocab], with the static KV cache inside as mutable buffers (`LlamaOpsKVCache`:
+  written in place and read up to the current position by ExecuTorch's LLM custom ops).
 * `PastKVDecoder` (ONNX): the optimum / transformers.js contract: `inputs_embeds`,
   `attention_mask`, `position_ids`, `past_key_values.{i}.key|value` in, `logits` and
-  `present.{i}.key|value` out; the cache travels as graph inputs and outputs.
+  `present.{i}.key|value` out; the cache travels as graph inputs and outputs, and attention is
+  onnxruntime's fused `GroupQueryAttention` (so `attention_mask` must be all ones: batch 1).
 
 The decoders reuse the model's own layers; only the cache object differs.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sphinx_edge.model.llm import cached_attention
 from sphinx_edge.model.sphinx import SphinxModel
 
 
@@ -47,35 +50,107 @@ class TokenEmbedding(nn.Module):
         return self.embedding(input_ids)
 
 
-class TextDecoder(nn.Module):
-    """Static-cache decoder for ExecuTorch: call `model.llm.setup_caches(...)` before exporting."""
+def load_llama_ops() -> None:
+    """Registers ExecuTorch's LLM custom ops (`llama::update_cache`, `llama::custom_sdpa`) with torch,
+    for tracing and eager runs, and their kernels with ExecuTorch's runtime in this process."""
+    from executorch.extension.pybindings import portable_lib  # noqa: F401 (must come first)
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 
-    def __init__(self, model: SphinxModel) -> None:
+
+class LlamaOpsKVCache(nn.Module):
+    """A static cache [B, max_seq_len, kv_heads, head_dim] for ExecuTorch's LLM custom ops, as its
+    own llama export uses them: `llama::update_cache` writes the new keys and values in place at
+    the first position, and `llama::custom_sdpa` attends (GQA, causal) over the slots written so
+    far only. With `index_copy_` into a buffer, ExecuTorch copied the whole cache on every write
+    and attention read every slot: decode time grew with the context, not with the conversation
+    (benchmarks/RESULTS.md). Positions must be consecutive (one sequence, as every runner has)."""
+
+    def __init__(self, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        load_llama_ops()
+        shape = (1, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def attention_mask(self, input_pos: torch.Tensor) -> None:
+        return None  # custom_sdpa masks causally from the start position itself
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: None) -> torch.Tensor:
+        B, H, T, hd = q.shape
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + T <= self.k_cache.shape[1])
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k_cache, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v_cache, start)
+        y = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k_cache, self.v_cache, start, None, 0, True)
+        return y.reshape(B, T, H * hd)
+
+
+class TextDecoder(nn.Module):
+    """The decoder with its static KV cache inside: `LlamaOpsKVCache` when `max_seq_len` is given
+    (the exported program), else whatever caches the model has set up (`llm.setup_caches`)."""
+
+    def __init__(self, model: SphinxModel, max_seq_len: int | None = None) -> None:
         super().__init__()
         self.llm = model.llm
+        if max_seq_len:
+            c = self.llm.config
+            for layer in self.llm.layers:
+                layer.attention.kv_cache = LlamaOpsKVCache(c.n_kv_heads, max_seq_len, c.head_dim)
 
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.llm(inputs_embeds, input_pos, last_logits_only=True)
 
 
+@torch.library.custom_op("sphinx::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, attention_mask: torch.Tensor, num_heads: int,
+                          kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """onnxruntime's `com.microsoft.GroupQueryAttention` (no rotary, no padding), in PyTorch: the
+    ONNX export replaces this op by that one (`export/onnx.py`), which appends to the cache and
+    attends in one fused kernel. query [B, T, H * hd] and key, value [B, T, H_kv * hd], already
+    rotated; past [B, H_kv, P, hd]; attention_mask [B, P + T], all ones. Returns the attention
+    output [B, T, H * hd] and the presents [B, H_kv, P + T, hd]."""
+    B, T, _ = query.shape
+    hd = past_key.shape[-1]
+    present_key = torch.cat([past_key, key.view(B, T, kv_num_heads, hd).transpose(1, 2)], dim=2)
+    present_value = torch.cat([past_value, value.view(B, T, kv_num_heads, hd).transpose(1, 2)], dim=2)
+    total = present_key.shape[2]
+    positions = torch.arange(total - T, total, device=query.device)
+    mask = torch.arange(total, device=query.device)[None, :] <= positions[:, None]
+    q = query.view(B, T, num_heads, hd).transpose(1, 2)
+    return cached_attention(q, present_key, present_value, mask), present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, attention_mask, num_heads, kv_num_heads):  # noqa: ANN001, ANN202
+    B, T, _ = query.shape
+    shape = (B, kv_num_heads, past_key.shape[2] + T, past_key.shape[3])
+    return torch.empty_like(query), past_key.new_empty(shape), past_value.new_empty(shape)
+
+
 class PastKV(nn.Module):
-    """A KV cache that concatenates the past (a graph input) with the new keys and values, and
-    keeps the result as the present (a graph output). Duck-types `llm.KVCache`."""
+    """A KV cache whose past is a graph input and whose present (past + the new keys and values) a
+    graph output, attended by one `group_query_attention` op (onnxruntime's fused kernel in the
+    ONNX graph). Positions follow the past: batch 1, no padding. Duck-types `llm.KVCache`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.key_mask: torch.Tensor | None = None  # [past + T] bool, from attention_mask
+        self.attention_mask_input: torch.Tensor | None = None  # the graph's attention_mask [1, past + T]
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.present = (torch.cat([self.past[0], k], dim=2), torch.cat([self.past[1], v], dim=2))
-        return self.present
+    def attention_mask(self, input_pos: torch.Tensor) -> None:
+        return None  # the op masks causally from the past length itself
 
-    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        # Keys sit at positions 0 .. past + T - 1 (batch 1, no left padding).
-        key_pos = torch.arange(self.key_mask.shape[0], device=input_pos.device)
-        return (key_pos[None, :] <= input_pos[:, None]) & self.key_mask[None, :]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: None) -> torch.Tensor:
+        B, H, T, hd = q.shape
+        flat = lambda x: x.transpose(1, 2).reshape(B, T, -1)  # noqa: E731  [B, heads, T, hd] -> [B, T, heads * hd]
+        y, *self.present = group_query_attention(flat(q), flat(k), flat(v), *self.past, self.attention_mask_input,
+                                                 H, k.shape[1])
+        return y
 
 
 class PastKVDecoder(nn.Module):
@@ -86,10 +161,9 @@ class PastKVDecoder(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key_mask = attention_mask[0] > 0
         for i, (layer, cache) in enumerate(zip(self.llm.layers, self.caches)):
             cache.past = (past_key_values[2 * i], past_key_values[2 * i + 1])
-            cache.key_mask = key_mask
+            cache.attention_mask_input = attention_mask
             layer.attention.kv_cache = cache
         try:
             logits = self.llm(inputs_embeds, position_ids[0], last_logits_only=True)
@@ -97,10 +171,3 @@ class PastKVDecoder(nn.Module):
         finally:
             self.llm.clear_caches()
         return (logits, *presents)
-
-
-def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    """ONNX input and output names of `PastKVDecoder`, in order."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]

@@ -27,9 +27,10 @@ import onnx
 import torch
 from torch.export import Dim
 
-from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder, decoder_io_names
+from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.onnx_int8 import matmul_weights, quantize_matmuls_int8
 from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.runtime.manifest import decoder_io_names
 
 OPSET = 18
 QUANTS = ("fp32", "fp16", "int8", "int4")
@@ -56,23 +57,65 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
     `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...)."""
     with quiet(), torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
+                                    dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False,
+                                    custom_translation_table=_translations())
         _data_file(path).unlink(missing_ok=True)
         program.save(path, external_data=True)
-    if dim_names:
-        name_dims(path, dim_names)
+    tidy(path, dim_names or {})
 
 
-def name_dims(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
-    """Renames symbolic dimensions everywhere in the graph at `path` by what they are on its inputs
-    (optimum's names: sequence_length, past_sequence_length, ...); the weights are not touched."""
+def _group_query_attention_schema() -> onnx.defs.OpSchema:
+    """onnxruntime's `com.microsoft.GroupQueryAttention` as far as we call it (the onnx package
+    carries no contrib-op schemas, and onnxscript builds a node from a schema)."""
+    P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    tensors = ["query", "key", "value", "past_key", "past_value"]
+    return onnx.defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[*(P(name, "T") for name in tensors), P("seqlens_k", "M"), P("total_sequence_length", "M")],
+        outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[A("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
+                    A("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, "")])
+
+
+def _translations() -> dict:
+    """Our torch ops that become onnxruntime contrib ops in the graph."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    import sphinx_edge.export.graphs  # noqa: F401  defines torch.ops.sphinx.*
+
+    fused = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention",
+                                 _group_query_attention_schema())
+
+    def group_query_attention(query, key, value, past_key, past_value, attention_mask,  # noqa: ANN001, ANN202
+                              num_heads: int, kv_num_heads: int):
+        # The fused op takes lengths rather than a mask: the last key index of each batch row
+        # (seqlens_k) and the total length; an all-ones attention_mask gives both.
+        last = op.Sub(op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_int=1))
+        total = op.Squeeze(op.Shape(attention_mask, start=1, end=2), op.Constant(value_ints=[0]))
+        int32 = onnx.TensorProto.INT32
+        return fused(query, key, value, past_key, past_value, op.Cast(last, to=int32), op.Cast(total, to=int32),
+                     num_heads=num_heads, kv_num_heads=kv_num_heads)
+
+    return {torch.ops.sphinx.group_query_attention.default: group_query_attention}
+
+
+def tidy(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
+    """Drops the exporter's metadata (Python stack traces with source paths, symbol numbers; more or
+    less verbose by what else the process had imported, so the same model gave other bytes) and renames
+    symbolic dimensions everywhere in the graph at `path` by what they are on its inputs (optimum's
+    names: sequence_length, past_sequence_length, ...); the weights are not touched."""
     proto = onnx.load(path, load_external_data=False)
+    g = proto.graph
+    for item in [g, *g.node, *g.input, *g.output, *g.value_info, *g.initializer, *(n for f in proto.functions for n in f.node)]:
+        del item.metadata_props[:]
     rename = {}
     for value in proto.graph.input:
         for axis, name in dim_names.get(value.name, {}).items():
             rename[value.type.tensor_type.shape.dim[axis].dim_param] = name
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info] if rename else []:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sphinx_edge.config import SphinxConfig
+from sphinx_edge.runtime.manifest import decoder_io_names
 
 
 class OnnxBackend:
@@ -41,9 +42,15 @@ class OnnxBackend:
         self.vision, self.embedding, self.decoder = (session(n) for n in ("vision_encoder", "token_embedding", "decoder"))
         llm = config.llm
         self.max_seq_len = llm.max_seq_len
-        self._empty = np.zeros((1, llm.n_kv_heads, 0, llm.head_dim), dtype=np.float32)
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(llm.n_layers) for kv in ("key", "value")]
-        self.truncate(0)
+        # The KV cache: one buffer per layer and kind, bound as both past and present, so
+        # GroupQueryAttention appends the new keys in place (its shared-buffer mode, as
+        # onnxruntime-genai runs it) instead of copying the whole cache into a new present per step.
+        # Positions past `length` hold stale keys the mask never reaches; forward overwrites them.
+        self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, llm.n_kv_heads, llm.max_seq_len, llm.head_dim),
+                                                                 dtype=np.float32)) for _ in range(2 * llm.n_layers)]
+        inputs, outputs = decoder_io_names(llm.n_layers)
+        self._cache_names = list(zip(inputs[3:], outputs[1:]))
+        self.length = 0
 
     def encode_views(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
@@ -53,21 +60,22 @@ class OnnxBackend:
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         T = embeds.shape[0]
-        feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
-            "attention_mask": np.ones((1, self.length + T), dtype=np.int64),
-            "position_ids": np.arange(self.length, self.length + T, dtype=np.int64)[None],
-            **dict(zip(self._past_names, self.past)),
-        }
-        logits, *self.past = self.decoder.run(None, feeds)
+        if self.length + T > self.max_seq_len:
+            raise ValueError(f"the conversation ({self.length} + {T} tokens) exceeds the export's context "
+                             f"({self.max_seq_len})")
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, self.length + T), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(self.length, self.length + T, dtype=np.int64)[None])
+        binding.bind_output("logits")
+        for (past, present), buffer in zip(self._cache_names, self._cache):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.decoder.run_with_iobinding(binding)
         self.length += T
-        return logits[0, -1]
+        return binding.get_outputs()[0].numpy()[0, -1]
 
     def truncate(self, length: int) -> None:
-        if length == 0:
-            self.past = [self._empty] * len(self._past_names)
-        else:
-            self.past = [p[:, :, :length] for p in self.past]
         self.length = length
 
 
@@ -79,6 +87,7 @@ class PteBackend:
         import torch  # ExecuTorch's pybindings exchange torch tensors
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the decoder's llama:: kernels
 
         if threads:
             # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.
@@ -107,8 +116,8 @@ class PteBackend:
         return logits.reshape(-1, logits.shape[-1])[-1]
 
     def truncate(self, length: int) -> None:
-        # The static cache keeps stale slots past `length`; the causal mask hides them until the
-        # positions are written again.
+        # The static cache keeps stale slots past `length`; attention reads only up to the current
+        # position (llama::custom_sdpa), and they are written again before they are read.
         self.length = length
 
 

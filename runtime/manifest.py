@@ -18,6 +18,13 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
+def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """The ONNX decoder's input and output names, in order (optimum's contract; `export/graphs.py`)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
 class ManifestError(ValueError):
     """An export directory that is missing, incomplete, tampered with or of another version."""
 

@@ -380,8 +380,8 @@ def export_cmd(
                                               "(torch vs export; meaningful for nano).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
     max_seq_len: Annotated[Optional[int], typer.Option(min=1, help="The export's context in tokens (the .pte's "
-                                                       "static KV cache has this many slots; a decode step "
-                                                       "attends to all of them). Default: the longest image "
+                                                       "static KV cache has this many slots, its memory). "
+                                                       "Default: the longest image "
                                                        "plus 512, as a power of two, at most the model's.")] = None,
     backend: Annotated[str, typer.Option(help="pte lowering: xnnpack (CPU, any device) or coreml (the vision "
                                          "encoder on Apple's Core ML, compiled on the device; the decoder on "

@@ -66,6 +66,39 @@ class KVCache(nn.Module):
         """[T, cached length] bool: query at position p sees every cache slot up to p."""
         return torch.arange(self.k_cache.shape[2], device=input_pos.device)[None, :] <= input_pos[:, None]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Writes k, v [B, kv_heads, T, hd] at `input_pos`, then attends q [B, heads, T, hd] over
+        the cache; returns [B, T, heads * hd]. Every cache (the export graphs' too) has this method:
+        how a cache is written decides how it is best read."""
+        k, v = self.update(input_pos, k, v)
+        return cached_attention(q, k, v, mask)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, hd] over a cache k, v [B, H_kv, S, hd] under `mask` [T, S]; [B, T, H * hd]."""
+    B, H, T, hd = q.shape
+    if k.shape[1] != H:
+        return _grouped_attention(q, k, v, mask)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GQA against the cache without expanding it: the g query heads that share a KV head form
+    one dimension of the einsums, and the cache is read once per KV head. Expanding the cache to
+    every query head (repeat_interleave, or a broadcasting matmul, which lowers to expand_copy)
+    copied a 4096-slot cache 8x per layer and token, outside XNNPACK: a 2-layer decoder of
+    TinyLlama's shape took 180 ms per token in ExecuTorch, 24 ms with this (benchmarks/RESULTS.md).
+    SDPA would need the g x T query rows merged, a view torch.export cannot prove for a dynamic T."""
+    B, H, T, hd = q.shape
+    n_kv_heads = k.shape[1]
+    q = q.view(B, n_kv_heads, H // n_kv_heads, T, hd)
+    scores = torch.einsum("bkgtd,bksd->bkgts", q, k) * hd**-0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = torch.einsum("bkgts,bksd->bkgtd", probs, v).reshape(B, H, T, hd)
+    return y.transpose(1, 2).reshape(B, T, H * hd)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig) -> None:
@@ -90,29 +123,12 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_heads, hd).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            if self.n_kv_heads != self.n_heads:
-                return self.wo(self._grouped_attention(q, k, v, mask))
+            return self.wo(self.kv_cache.attend(q, k, v, input_pos, mask))
         if self.n_kv_heads != self.n_heads:  # explicit GQA expansion: exports everywhere
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
-
-    def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """GQA against the cache without expanding it: the g query heads that share a KV head form
-        one dimension of the einsums, and the cache is read once per KV head. Expanding the cache to
-        every query head (repeat_interleave, or a broadcasting matmul, which lowers to expand_copy)
-        copied a 4096-slot cache 8x per layer and token, outside XNNPACK: a 2-layer decoder of
-        TinyLlama's shape took 180 ms per token in ExecuTorch, 24 ms with this (benchmarks/RESULTS.md).
-        SDPA would need the g x T query rows merged, a view torch.export cannot prove for a dynamic T.
-        Returns [B, T, n_heads * head_dim]."""
-        B, H, T, hd = q.shape
-        q = q.view(B, self.n_kv_heads, H // self.n_kv_heads, T, hd)
-        scores = torch.einsum("bkgtd,bksd->bkgts", q, k) * hd**-0.5
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = torch.einsum("bkgts,bksd->bkgtd", probs, v).reshape(B, H, T, hd)
-        return y.transpose(1, 2).reshape(B, T, H * hd)
 
 
 class FeedForward(nn.Module):

@@ -18,6 +18,7 @@ CASES = [  # (image, question, views, skip tokens)
 
 def runner_answer(export_dir, segments, max_new_tokens: int) -> str:
     import torch
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the decoder's llama:: kernels
     from executorch.extension.llm.runner import (GenerationConfig, MultimodalRunner, make_image_input,
                                                  make_token_input)
 
