@@ -136,8 +136,8 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
 def _partitioners(backend: str) -> dict[str, list]:
     """The delegate of the vision encoder and of the text decoder (the embedding lookup stays portable).
 
-    With coreml only the vision encoder goes to Core ML: coremltools 9 cannot convert the
-    decoder's KV-cache writes (`index_copy_` at a vector of positions), and skipping those ops
+    With coreml only the vision encoder goes to Core ML: the decoder's KV cache lives in
+    ExecuTorch's LLM custom ops, which coremltools has no conversion for, and skipping those ops
     leaves partitions whose inputs are symbolic sizes, which it cannot take either. The decoder
     stays on XNNPACK, the CPU path of the xnnpack backend."""
     return {"vision_encoder": [_partitioner(backend)], "text_decoder": [_partitioner("xnnpack")]}

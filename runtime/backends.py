@@ -4,6 +4,7 @@
     embed(ids [L]) -> [L, dim]                 (ids may be the skip / start / end specials)
     forward(embeds [T, dim]) -> logits [vocab]  (appends T positions to the KV cache)
     truncate(length)                            (forget cache positions >= length)
+    write_profile(path)                         (with profile=True: the runtime's own profile)
 
 `OnnxBackend` needs only onnxruntime and numpy. `PteBackend` runs ExecuTorch's Python runtime,
 whose pybindings take torch tensors: torch is imported when that backend is chosen, never before.
@@ -23,10 +24,11 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, *, profile: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.enable_profiling = profile  # per-operator times (write_profile; benchmarks/profile.py)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -78,12 +80,16 @@ class OnnxBackend:
     def truncate(self, length: int) -> None:
         self.length = length
 
+    def write_profile(self, path: Path) -> None:
+        """The decoder's onnxruntime profile (JSON trace events) so far, to `path`; needs `profile`."""
+        Path(self.decoder.end_profiling()).replace(path)
+
 
 class PteBackend:
     name = "pte"
 
     def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, *, profile: bool = False) -> None:
         import torch  # ExecuTorch's pybindings exchange torch tensors
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
@@ -94,8 +100,9 @@ class PteBackend:
             portable_lib._unsafe_reset_threadpool(threads)
         self.threads = portable_lib._threadpool_get_thread_count()
         self._torch = torch
-        program = Runtime.get().load_program(Path(export_dir) / files["program"][0])
-        self.methods = {name: program.load_method(name) for name in ("vision_encoder", "token_embedding", "text_decoder")}
+        self.program = Runtime.get().load_program(Path(export_dir) / files["program"][0], enable_etdump=profile)
+        self.methods = {name: self.program.load_method(name)
+                        for name in ("vision_encoder", "token_embedding", "text_decoder")}
         self.max_seq_len = config.llm.max_seq_len
         self.length = 0
 
@@ -119,6 +126,10 @@ class PteBackend:
         # The static cache keeps stale slots past `length`; attention reads only up to the current
         # position (llama::custom_sdpa), and they are written again before they are read.
         self.length = length
+
+    def write_profile(self, path: Path) -> None:
+        """ExecuTorch's ETDump of every method run so far, to `path`; needs `profile`."""
+        self.program.write_etdump_result_to_file(str(path), str(path) + ".debug")
 
 
 BACKENDS = {"onnx": OnnxBackend, "pte": PteBackend}

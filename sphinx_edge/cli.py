@@ -702,6 +702,40 @@ def bench(
         console.print(f"wrote {png}")
 
 
+@app.command()
+def profile(
+    export_dir: Annotated[Path, typer.Argument(help="An export directory (`sphinx-edge export`).")],
+    backend: Annotated[str, typer.Option(help="onnx (onnxruntime's profiler) or pte (ExecuTorch's ETDump).")] = "onnx",
+    pp: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled once.")] = 512,
+    tg: Annotated[int, typer.Option(min=1, help="Tokens decoded one at a time after the prompt.")] = 64,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: the "
+                                                   "runtime's own choice, one per physical core).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result here (JSON).")] = None,
+) -> None:
+    """Where the LLM's time goes: one prefill and --tg decode steps under the runtime's own profiler,
+    as a table of operators with their time per prefill and per decoded token and their share.
+
+    Example: sphinx-edge profile exports/tiny-int4 --backend pte -t 2
+    """
+    from sphinx_edge.benchmarks.profile import READERS, markdown, profile_llm
+    from sphinx_edge.benchmarks.report import save_json
+    from sphinx_edge.runtime.manifest import ManifestError, read_manifest
+
+    if backend not in READERS:
+        fail(f"unknown backend {backend!r}; choose from {', '.join(READERS)}")
+    try:
+        if backend not in read_manifest(export_dir)["graphs"]:
+            fail(f"{export_dir} has no {backend} graphs")
+    except ManifestError as e:
+        fail(str(e))
+    with console.status(f"profiling {backend}: prefill {pp} tokens, decode {tg}"):
+        result = profile_llm(export_dir, backend, pp=pp, tg=tg, threads=threads)
+    console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        save_json(result, json_out)
+        console.print(f"wrote {json_out}")
+
+
 @app.command("eval")
 def evaluate(
     data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],

@@ -23,7 +23,7 @@ def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
     commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
-                "bench", "request", "web", "warmup-encoders"]
+                "bench", "profile", "request", "web", "warmup-encoders"]
     assert all(c in out for c in commands)
     for command in commands:
         code, out = run(command, "--help")
@@ -197,6 +197,20 @@ def test_bench_prints_the_table_and_refuses_bad_options(onnx_export, tmp_path):
     assert code == 2 and "manifest.json" in out
     code, out = run("bench", out_dir, "--target", "apple")
     assert code == 2 and "Apple silicon" in out
+
+
+def test_profile_prints_the_operator_table_and_refuses_bad_options(onnx_export, tmp_path):
+    _, out_dir, _ = onnx_export
+    code, out = run("profile", out_dir, "--pp", "8", "--tg", "3", "-t", "1", "--json", tmp_path / "p.json")
+    assert code == 0, out
+    assert "onnx, 1 threads: prefill 8 tokens" in out and "| GroupQueryAttention |" in out
+    assert json.loads((tmp_path / "p.json").read_text())["tg"] == 3
+    code, out = run("profile", out_dir, "--backend", "tflite")
+    assert code == 2 and "unknown backend 'tflite'" in out
+    code, out = run("profile", out_dir, "--backend", "pte")
+    assert code == 2 and "has no pte graphs" in out
+    code, out = run("profile", tmp_path)
+    assert code == 2 and "manifest.json" in out
 
 
 def test_a_long_piped_chat_on_the_bundled_model_answers_every_turn(nano_int4_pte):
