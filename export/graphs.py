@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sphinx_edge.model.llm import cached_attention
+from sphinx_edge.model.llm import apply_rope, cached_attention, rope_cos_sin
 from sphinx_edge.model.sphinx import SphinxModel
 
 
@@ -75,9 +75,10 @@ class LlamaOpsKVCache(nn.Module):
     def attention_mask(self, input_pos: torch.Tensor) -> None:
         return None  # custom_sdpa masks causally from the start position itself
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-               mask: None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               input_pos: torch.Tensor, mask: None) -> torch.Tensor:
         B, H, T, hd = q.shape
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + T <= self.k_cache.shape[1])
@@ -105,26 +106,32 @@ class TextDecoder(nn.Module):
 
 @torch.library.custom_op("sphinx::group_query_attention", mutates_args=())
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
-                          past_value: torch.Tensor, attention_mask: torch.Tensor, num_heads: int,
+                          past_value: torch.Tensor, attention_mask: torch.Tensor, cos_cache: torch.Tensor | None,
+                          sin_cache: torch.Tensor | None, num_heads: int,
                           kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """onnxruntime's `com.microsoft.GroupQueryAttention` (no rotary, no padding), in PyTorch: the
-    ONNX export replaces this op by that one (`export/onnx.py`), which appends to the cache and
-    attends in one fused kernel. query [B, T, H * hd] and key, value [B, T, H_kv * hd], already
-    rotated; past [B, H_kv, P, hd]; attention_mask [B, P + T], all ones. Returns the attention
-    output [B, T, H * hd] and the presents [B, H_kv, P + T, hd]."""
+    """onnxruntime's `com.microsoft.GroupQueryAttention` (no padding) in PyTorch: the ONNX export
+    replaces this op by that one (`export/onnx.py`), which rotates (given the tables), appends to
+    the cache and attends in one fused kernel. query [B, T, H * hd] and key, value [B, T, H_kv * hd];
+    past [B, H_kv, P, hd]; attention_mask [B, P + T], all ones; cos_cache, sin_cache
+    [max positions, hd / 2] (the rotate-half angles of positions 0, 1, ...), or None when q and k
+    come rotated. Returns the attention output [B, T, H * hd] and the presents [B, H_kv, P + T, hd]."""
     B, T, _ = query.shape
     hd = past_key.shape[-1]
-    present_key = torch.cat([past_key, key.view(B, T, kv_num_heads, hd).transpose(1, 2)], dim=2)
-    present_value = torch.cat([past_value, value.view(B, T, kv_num_heads, hd).transpose(1, 2)], dim=2)
-    total = present_key.shape[2]
-    positions = torch.arange(total - T, total, device=query.device)
-    mask = torch.arange(total, device=query.device)[None, :] <= positions[:, None]
+    P = past_key.shape[2]
+    positions = torch.arange(P, P + T, device=query.device)
     q = query.view(B, T, num_heads, hd).transpose(1, 2)
+    k = key.view(B, T, kv_num_heads, hd).transpose(1, 2)
+    if cos_cache is not None:
+        cos, sin = (torch.cat([c[positions], c[positions]], dim=-1) for c in (cos_cache, sin_cache))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    present_key = torch.cat([past_key, k], dim=2)
+    present_value = torch.cat([past_value, value.view(B, T, kv_num_heads, hd).transpose(1, 2)], dim=2)
+    mask = torch.arange(P + T, device=query.device)[None, :] <= positions[:, None]
     return cached_attention(q, present_key, present_value, mask), present_key, present_value
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, attention_mask, num_heads, kv_num_heads):  # noqa: ANN001, ANN202
+def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads, kv_num_heads):  # noqa: ANN001, ANN202
     B, T, _ = query.shape
     shape = (B, kv_num_heads, past_key.shape[2] + T, past_key.shape[3])
     return torch.empty_like(query), past_key.new_empty(shape), past_value.new_empty(shape)
@@ -132,11 +139,13 @@ def _(query, key, value, past_key, past_value, attention_mask, num_heads, kv_num
 
 class PastKV(nn.Module):
     """A KV cache whose past is a graph input and whose present (past + the new keys and values) a
-    graph output, attended by one `group_query_attention` op (onnxruntime's fused kernel in the
-    ONNX graph). Positions follow the past: batch 1, no padding. Duck-types `llm.KVCache`."""
+    graph output, rotated and attended by one `group_query_attention` op (onnxruntime's fused
+    kernel in the ONNX graph). Positions follow the past: batch 1, no padding. Duck-types
+    `llm.KVCache`."""
 
-    def __init__(self) -> None:
+    def __init__(self, rope_tables: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         super().__init__()
+        self.rope_tables = rope_tables  # cos, sin [max positions, hd / 2] shared by every layer, or None
         self.past: tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: tuple[torch.Tensor, torch.Tensor] | None = None
         self.attention_mask_input: torch.Tensor | None = None  # the graph's attention_mask [1, past + T]
@@ -144,12 +153,14 @@ class PastKV(nn.Module):
     def attention_mask(self, input_pos: torch.Tensor) -> None:
         return None  # the op masks causally from the past length itself
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-               mask: None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               input_pos: torch.Tensor, mask: None) -> torch.Tensor:
         B, H, T, hd = q.shape
+        if self.rope_tables is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         flat = lambda x: x.transpose(1, 2).reshape(B, T, -1)  # noqa: E731  [B, heads, T, hd] -> [B, T, heads * hd]
         y, *self.present = group_query_attention(flat(q), flat(k), flat(v), *self.past, self.attention_mask_input,
-                                                 H, k.shape[1])
+                                                 *(self.rope_tables or (None, None)), H, k.shape[1])
         return y
 
 
@@ -157,7 +168,15 @@ class PastKVDecoder(nn.Module):
     def __init__(self, model: SphinxModel) -> None:
         super().__init__()
         self.llm = model.llm
-        self.caches = nn.ModuleList(PastKV() for _ in self.llm.layers)
+        c = self.llm.config
+        rope_tables = None
+        if c.head_dim % 16 == 0:  # onnxruntime's fused rotary takes no other head size (the test configs' 8)
+            # The angles of every position of the context, as the model computes them (fp32).
+            cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, c.rope_theta)
+            self.register_buffer("rope_cos", cos[:, : c.head_dim // 2].contiguous(), persistent=False)
+            self.register_buffer("rope_sin", sin[:, : c.head_dim // 2].contiguous(), persistent=False)
+            rope_tables = (self.rope_cos, self.rope_sin)
+        self.caches = [PastKV(rope_tables) for _ in self.llm.layers]
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:

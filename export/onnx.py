@@ -69,13 +69,16 @@ def _group_query_attention_schema() -> onnx.defs.OpSchema:
     carries no contrib-op schemas, and onnxscript builds a node from a schema)."""
     P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
     tensors = ["query", "key", "value", "past_key", "past_value"]
+    INT = onnx.defs.OpSchema.AttrType.INT
     return onnx.defs.OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[*(P(name, "T") for name in tensors), P("seqlens_k", "M"), P("total_sequence_length", "M")],
+        inputs=[*(P(name, "T") for name in tensors), P("seqlens_k", "M"), P("total_sequence_length", "M"),
+                *(P(name, "T", "", param_option=onnx.defs.OpSchema.FormalParameterOption.Optional)
+                  for name in ("cos_cache", "sin_cache"))],
         outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[A("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
-                    A("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, "")])
+        attributes=[A("num_heads", INT, ""), A("kv_num_heads", INT, ""), A("do_rotary", INT, ""),
+                    A("rotary_interleaved", INT, "")])
 
 
 def _translations() -> dict:
@@ -88,15 +91,18 @@ def _translations() -> dict:
     fused = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention",
                                  _group_query_attention_schema())
 
-    def group_query_attention(query, key, value, past_key, past_value, attention_mask,  # noqa: ANN001, ANN202
-                              num_heads: int, kv_num_heads: int):
+    def group_query_attention(query, key, value, past_key, past_value, attention_mask, cos_cache,  # noqa: ANN001, ANN202
+                              sin_cache, num_heads: int, kv_num_heads: int):
         # The fused op takes lengths rather than a mask: the last key index of each batch row
-        # (seqlens_k) and the total length; an all-ones attention_mask gives both.
+        # (seqlens_k) and the total length; an all-ones attention_mask gives both. Given the RoPE
+        # tables it rotates q and k itself (rotate-half form), at the positions that follow the past.
         last = op.Sub(op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_int=1))
         total = op.Squeeze(op.Shape(attention_mask, start=1, end=2), op.Constant(value_ints=[0]))
         int32 = onnx.TensorProto.INT32
+        rotary = () if cos_cache is None else (cos_cache, sin_cache)
         return fused(query, key, value, past_key, past_value, op.Cast(last, to=int32), op.Cast(total, to=int32),
-                     num_heads=num_heads, kv_num_heads=kv_num_heads)
+                     *rotary, num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=int(bool(rotary)),
+                     rotary_interleaved=0)
 
     return {torch.ops.sphinx.group_query_attention.default: group_query_attention}
 

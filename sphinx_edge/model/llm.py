@@ -28,8 +28,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as every reference implementation does; cast back before the scale.
+        # Divided by the root rather than times its reciprocal: onnxruntime fuses this form (Pow,
+        # ReduceMean, Add, Sqrt, Div) into one SimplifiedLayerNormalization kernel.
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -66,13 +68,14 @@ class KVCache(nn.Module):
         """[T, cached length] bool: query at position p sees every cache slot up to p."""
         return torch.arange(self.k_cache.shape[2], device=input_pos.device)[None, :] <= input_pos[:, None]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """Writes k, v [B, kv_heads, T, hd] at `input_pos`, then attends q [B, heads, T, hd] over
-        the cache; returns [B, T, heads * hd]. Every cache (the export graphs' too) has this method:
-        how a cache is written decides how it is best read."""
-        k, v = self.update(input_pos, k, v)
-        return cached_attention(q, k, v, mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rotates q [B, heads, T, hd] and k [B, kv_heads, T, hd] (RoPE), writes k, v at
+        `input_pos`, then attends q over the cache; returns [B, T, heads * hd]. Every cache (the
+        export graphs' too) has this method: how a cache is written decides how it is best read,
+        and a fused kernel may rotate as it goes (onnxruntime's GroupQueryAttention)."""
+        k, v = self.update(input_pos, apply_rope(k, cos, sin), v)
+        return cached_attention(apply_rope(q, cos, sin), k, v, mask)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,11 +122,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, hd).transpose(1, 2), cos, sin)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         if self.kv_cache is not None:
-            return self.wo(self.kv_cache.attend(q, k, v, input_pos, mask))
+            return self.wo(self.kv_cache.attend(q, k, v, cos, sin, input_pos, mask))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:  # explicit GQA expansion: exports everywhere
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

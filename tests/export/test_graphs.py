@@ -97,16 +97,24 @@ def test_pte_decoder_follows_the_torch_model_through_a_conversation(size):
 
 @pytest.mark.parametrize("size", FAMILY_SIZES)
 def test_onnx_decoder_follows_the_torch_model_through_a_conversation(size, tmp_path):
-    """onnxruntime's GroupQueryAttention, fed the past the runtime keeps (cut back on a rewind)."""
+    """onnxruntime's GroupQueryAttention both ways it runs: fed the past as optimum's models are
+    (cut back on a rewind), and through the runtime's backend, whose cache buffers are bound as
+    past and present at once."""
     import onnxruntime as ort
 
-    from sphinx_edge.export.onnx import decoder_graph
+    from sphinx_edge.export.onnx import decoder_graph, token_embedding_graph, vision_encoder_graph
+    from sphinx_edge.runtime.backends import OnnxBackend
 
     model = family_model(size)
     c = model.config.llm
-    decoder_graph(model, tmp_path / "decoder.onnx")
-    assert "GroupQueryAttention" in {n.op_type for n in onnx.load(tmp_path / "decoder.onnx",
-                                                                  load_external_data=False).graph.node}
+    for name, write in (("decoder", decoder_graph), ("token_embedding", token_embedding_graph),
+                        ("vision_encoder", vision_encoder_graph)):
+        write(model, tmp_path / f"{name}.onnx")
+    nodes = [n for n in onnx.load(tmp_path / "decoder.onnx", load_external_data=False).graph.node
+             if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == c.n_layers
+    rotary = {a.name: a.i for a in nodes[0].attribute}["do_rotary"]
+    assert rotary == (c.head_dim % 16 == 0)  # RoPE inside the fused op where onnxruntime allows it
     session = ort.InferenceSession(str(tmp_path / "decoder.onnx"))
     names = [f"past_key_values.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
     past = [np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32) for _ in names]
@@ -120,10 +128,18 @@ def test_onnx_decoder_follows_the_torch_model_through_a_conversation(size, tmp_p
         logits, *past = session.run(None, feeds)
         return torch.from_numpy(logits[0, -1])
 
+    backend = OnnxBackend(tmp_path, {n: [f"{n}.onnx"] for n in ("decoder", "token_embedding", "vision_encoder")},
+                          model.config.with_context(CONTEXT), threads=1)
+
+    def backend_step(x, start):
+        backend.truncate(start)
+        return torch.from_numpy(backend.forward(x[0].numpy()))
+
     want_tokens, want_logits = torch_conversation(model)
-    got_tokens, got_logits = conversation(model, step)
-    assert got_tokens == want_tokens
-    np.testing.assert_allclose(got_logits.numpy(), want_logits.numpy(), atol=1e-4, rtol=1e-4)
+    for run in (step, backend_step):
+        got_tokens, got_logits = conversation(model, run)
+        assert got_tokens == want_tokens
+        np.testing.assert_allclose(got_logits.numpy(), want_logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_the_pte_decoder_uses_executorchs_llm_ops():
