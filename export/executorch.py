@@ -63,14 +63,27 @@ def _each_linear(module: nn.Module, config, trim_every: int = 256 << 20) -> None
     release_memory()
 
 
-def _quantize_embedding(module: nn.Module) -> None:
-    from torchao.quantization import quantize_
-    from torchao.quantization.granularity import PerAxis
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+class Int8Embedding(nn.Module):
+    """The embedding table in int8 with one scale per row (symmetric), looked up by ExecuTorch's
+    `quantized_decomposed::embedding_byte` kernel as its own llama export does: a quarter of the
+    fp32 bytes, dequantized row by row as tokens are looked up. (torchao's weight-only config
+    lowers to a `dequantize_affine` that ExecuTorch has no kernel for.)"""
 
-    with quiet():
-        quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        scales = table.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(table / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.float())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(self.weight, self.scales, None, -127, 127, input_ids,
+                                                                  dtype=torch.float32)
+
+
+def _quantize_embedding(embedding: TokenEmbedding) -> None:
+    import executorch.kernels.quantized  # noqa: F401  defines quantized_decomposed::embedding_byte
+
+    embedding.embedding = Int8Embedding(embedding.embedding.weight.detach())
 
 
 def constant_methods(model: SphinxModel, tokenizer_ids: dict[str, int] | None = None) -> dict:

@@ -94,6 +94,7 @@ class PteBackend:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the decoder's llama:: kernels
+        import executorch.kernels.quantized  # noqa: F401  quantized_decomposed:: kernels (the int8 embedding table)
 
         if threads:
             # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.

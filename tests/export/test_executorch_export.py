@@ -135,3 +135,20 @@ def test_the_export_context_sizes_the_static_cache(model_factory, tokenizer_file
     assert program.load_method("get_max_seq_len").execute([])[0] == 384
     for backend in ("onnx", "pte"):
         assert Pipeline(tmp_path / "e", backend).backend.max_seq_len == 384
+
+
+def test_int8_embedding_table_runs_on_executorchs_quantized_kernel(model_factory, tmp_path):
+    """--embedding-quant int8: one int8 row and scale per token, looked up by
+    quantized_decomposed::embedding_byte; every row within half a step of the fp32 table."""
+    from sphinx_edge.export.executorch import export_pte
+    from sphinx_edge.export.graphs import TokenEmbedding
+    from sphinx_edge.runtime.backends import PteBackend
+
+    model = model_factory("test-tiny")
+    export_pte(model, tmp_path, embedding_quant="int8")
+    backend = PteBackend(tmp_path, {"program": ["program.pte"]}, model.config, threads=1)
+    table = TokenEmbedding(model).embedding.weight.detach().numpy()
+    got = backend.embed(np.arange(table.shape[0]))
+    step = np.abs(table).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(got - table) <= step / 2 + 1e-7)
+    assert not np.array_equal(got, table)  # it is quantized
