@@ -12,6 +12,8 @@ whose pybindings take torch tensors: torch is imported when that backend is chos
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,6 @@ class OnnxBackend:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.enable_profiling = profile  # per-operator times (write_profile; benchmarks/profile.py)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -41,7 +42,11 @@ class OnnxBackend:
         def session(name: str):
             return ort.InferenceSession(str(export_dir / files[name][0]), options, providers=["CPUExecutionProvider"])
 
-        self.vision, self.embedding, self.decoder = (session(n) for n in ("vision_encoder", "token_embedding", "decoder"))
+        self.vision, self.embedding = session("vision_encoder"), session("token_embedding")
+        if profile:  # the decoder's per-operator times (write_profile; benchmarks/profile.py)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="sphinx-edge-profile-")) / "decoder")
+        self.decoder = session("decoder")
         llm = config.llm
         self.max_seq_len = llm.max_seq_len
         # The KV cache: one buffer per layer and kind, bound as both past and present, so
@@ -82,7 +87,9 @@ class OnnxBackend:
 
     def write_profile(self, path: Path) -> None:
         """The decoder's onnxruntime profile (JSON trace events) so far, to `path`; needs `profile`."""
-        Path(self.decoder.end_profiling()).replace(path)
+        trace = Path(self.decoder.end_profiling())
+        shutil.move(trace, path)
+        trace.parent.rmdir()
 
 
 class PteBackend:

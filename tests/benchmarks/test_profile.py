@@ -9,9 +9,11 @@ from sphinx_edge.benchmarks.profile import DELEGATE, OUTSIDE_OPS, OUTSIDE_RUN, m
     ("onnx", "onnx_export", {"MatMul", "GroupQueryAttention"}),
     ("pte", "pte_export", {DELEGATE, "llama::custom_sdpa.out", "llama::update_cache.out"}),
 ])
-def test_profile_splits_prefill_and_decode_by_operator(backend, fixture, kernels, request):
+def test_profile_splits_prefill_and_decode_by_operator(backend, fixture, kernels, request, tmp_path, monkeypatch):
     _, export_dir, _ = request.getfixturevalue(fixture)
+    monkeypatch.chdir(tmp_path)
     result = profile_llm(export_dir, backend, pp=12, tg=5, threads=1)
+    assert not list(tmp_path.iterdir())  # the profilers' files are read and removed, none left behind
     rows = {r["op"]: r for r in result["rows"]}
     assert kernels <= set(rows), sorted(rows)
     assert {OUTSIDE_OPS, OUTSIDE_RUN} <= set(rows)
