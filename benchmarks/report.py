@@ -157,7 +157,9 @@ def markdown(result: dict) -> str:
     bw = result.get("bandwidth_gb_s")
     threads = f"; {result['threads']} threads for every runtime" if result.get("threads") else ""
     parts = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; {result['date']}"
-             + (f"; read bandwidth {bw:.1f} GB/s ({result.get('bandwidth_kind', '')})" if bw else "") + threads]
+             + (f"; read bandwidth {bw:.1f} GB/s ({result.get('bandwidth_kind', '')}: "
+                f"{' and '.join(f'{x:.1f}' for x in result.get('bandwidth_samples_gb_s', [bw]))})" if bw else "")
+             + threads]
     if any(c["images"] for c in result["cases"]):
         parts += ["", stage_table(result)]
     if any(c.get("llm") for c in result["cases"]):

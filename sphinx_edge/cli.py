@@ -677,7 +677,7 @@ def bench(
                      runner_dir=runner_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=n_cases + len(peer) + bandwidth)
+        task = bar.add_task("starting", total=n_cases + len(peer) + 2 * bandwidth)  # bandwidth: before and after
         started = [False]
 
         def on_case(name: str) -> None:

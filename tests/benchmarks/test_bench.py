@@ -172,3 +172,16 @@ def test_read_bandwidth_uses_every_thread():
     from sphinx_edge.benchmarks.system import memory_bandwidth
 
     assert memory_bandwidth(threads=2, mib=64, repeats=3) > 0.5
+
+
+def test_bandwidth_is_measured_before_and_after_the_cases(onnx_export, monkeypatch):
+    """The host's bandwidth moves within minutes: both measurements are kept, the higher is the limit."""
+    readings = iter([20.0, 30.0])
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda threads: next(readings))
+    spec = BenchSpec([onnx_export[1]], ["onnx"], [SQUARE], [None], decode_tokens=1, pp=4, tg=2, warmup=0,
+                     repeats=1, llm_only=True, bandwidth=True)
+    seen = []
+    out = run_matrix(spec, seen.append)
+    assert seen[0] == seen[-1] == "memory bandwidth" and len(seen) == 3
+    assert out["bandwidth_samples_gb_s"] == [20.0, 30.0] and out["bandwidth_gb_s"] == 30.0
+    assert "20.0 and 30.0" in markdown(out)
