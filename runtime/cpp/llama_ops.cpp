@@ -72,27 +72,21 @@ void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// The `group` query heads that share one KV head, at one position, against keys 0 .. n_keys - 1
-// (rows `stride` floats apart): each key and value row is loaded once for the whole group, not once
-// per head. q and out hold the group's rows D apart; scores has room for group x n_keys.
-void attend_group(const float* q, const float* k, const float* v, int64_t n_keys, int64_t stride, int64_t D,
-                  int64_t group, float scale, float* scores, float* out) {
-  for (int64_t j = 0; j < n_keys; ++j)
-    for (int64_t g = 0; g < group; ++g) scores[g * n_keys + j] = dot(q + g * D, k + j * stride, D) * scale;
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * n_keys;
-    float max_score = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n_keys; ++j) max_score = std::max(max_score, row[j]);
-    float total = 0;
-    for (int64_t j = 0; j < n_keys; ++j) {
-      row[j] = std::exp(row[j] - max_score);
-      total += row[j];
-    }
-    for (int64_t j = 0; j < n_keys; ++j) row[j] /= total;
+// One query row against keys 0 .. n_keys - 1 of one KV head (rows `stride` floats apart).
+void attend_row(const float* q, const float* k, const float* v, int64_t n_keys, int64_t stride, int64_t D,
+                float scale, float* scores, float* out) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n_keys; ++j) {
+    scores[j] = dot(q, k + j * stride, D) * scale;
+    max_score = std::max(max_score, scores[j]);
   }
-  std::memset(out, 0, sizeof(float) * group * D);
-  for (int64_t j = 0; j < n_keys; ++j)
-    for (int64_t g = 0; g < group; ++g) axpy(scores[g * n_keys + j], v + j * stride, out + g * D, D);
+  float total = 0;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    scores[j] = std::exp(scores[j] - max_score);
+    total += scores[j];
+  }
+  std::memset(out, 0, sizeof(float) * D);
+  for (int64_t j = 0; j < n_keys; ++j) axpy(scores[j] / total, v + j * stride, out, D);
 }
 
 // q [B, T, H, D] at positions start_pos .. start_pos + T - 1 over caches k, v [B, S, H_kv, D];
@@ -120,16 +114,16 @@ Tensor& custom_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor
   const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const int64_t group = H / H_kv, stride = H_kv * D;
-  // One work item per (batch, query position, KV head); the cost of an item grows with its position.
-  const bool ok = executorch::extension::parallel_for(0, B * T * H_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * (start_pos + T));
+  // One work item per (batch, query position, head); the cost of an item grows with its position.
+  const bool ok = executorch::extension::parallel_for(0, B * T * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(start_pos + T);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (T * H_kv), t = item / H_kv % T, kv = item % H_kv;
+      const int64_t b = item / (T * H), t = item / H % T, h = item % H;
       const int64_t n_keys = is_causal ? start_pos + t + 1 : start_pos + T;
-      const int64_t kv_offset = b * S * stride + kv * D;
-      const int64_t q_offset = ((b * T + t) * H + kv * group) * D;  // the group's heads are adjacent rows
-      attend_group(qp + q_offset, kp + kv_offset, vp + kv_offset, n_keys, stride, D, group, factor, scores.data(),
-                   op + q_offset);
+      const int64_t kv_offset = b * S * stride + (h / group) * D;
+      const int64_t q_offset = ((b * T + t) * H + h) * D;
+      attend_row(qp + q_offset, kp + kv_offset, vp + kv_offset, n_keys, stride, D, factor, scores.data(),
+                 op + q_offset);
     }
   });
   ET_KERNEL_CHECK_MSG(ctx, ok, Internal, out, "custom_sdpa: the thread pool failed");
