@@ -33,8 +33,10 @@ def _mib(n: float) -> str:
 
 
 def _label(case: dict) -> str:
-    return f"{case['backend']} {case['quant']}" + (f"/vis {case['vision_quant']}" if case["vision_quant"] != case["quant"]
-                                                   else "")
+    """backend, LLM quantization (with its int4 block / group size), the vision encoder's if it differs."""
+    group = f" g{case['group_size']}" if case["quant"] == "int4" and case.get("group_size") else ""
+    return f"{case['backend']} {case['quant']}{group}" + (
+        f"/vis {case['vision_quant']}" if case["vision_quant"] != case["quant"] else "")
 
 
 def stage_table(result: dict) -> str:

@@ -51,14 +51,15 @@ def test_peer_table_gives_ratios_to_the_fastest_peer():
         return {"pp_tokens": 512, "tg_tokens": 128, "pp_tok_s": summary([pp - 1, pp + 1]),
                 "tg_tok_s": summary([tg, tg])}
 
-    result = {"cases": [{"backend": "onnx", "quant": "int4", "vision_quant": "int8", "llm": rates(100.0, 20.0),
+    result = {"cases": [{"backend": "onnx", "quant": "int4", "group_size": 128, "vision_quant": "int8",
+                         "llm": rates(100.0, 20.0),
                          "threads": 2, "peak_rss_mib": 900.0}],
               "peers": [{"peer": "llama.cpp-Q4_0", "artifact_bytes": 2**20, "threads": 2, "peak_rss_mib": 700.0,
                          **rates(200.0, 10.0)},
                         {"peer": "ort-genai-int4", "artifact_bytes": 2**20, "threads": 2, "peak_rss_mib": 800.0,
                          **rates(50.0, 40.0)}]}
     table = peer_table(result)
-    assert "| onnx int4/vis int8 | 2 | pp512: 100.0 ± 1.4 | 0.50x | tg128: 20.0 ± 0.0 | 0.50x | – | 900 |" in table
+    assert "| onnx int4 g128/vis int8 | 2 | pp512: 100.0 ± 1.4 | 0.50x | tg128: 20.0 ± 0.0 | 0.50x | – | 900 |" in table
     assert "| llama.cpp-Q4_0 | 2 | pp512: 200.0 ± 1.4 | 1.00x | tg128: 10.0 ± 0.0 | 0.25x | 1.0 | 700 |" in table
 
 
