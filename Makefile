@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install deps clean nano
+.PHONY: demo test install deps clean nano bundled-export
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ nano: $(STAMP)
 	$(BIN)/sphinx-edge train recipes/nano.toml
 	$(BIN)/sphinx-edge eval --checkpoint runs/nano/model --data data/nano/test.json --json runs/nano/eval.json
 	mkdir -p sphinx_edge/weights/nano && cp runs/nano/model/* sphinx_edge/weights/nano/
+
+# The SPHINX-Nano int4 ONNX export that ships inside the package (`sphinx-edge run` with no export
+# answers from it); rerun after the bundled weights change.
+bundled-export: $(STAMP)
+	$(BIN)/sphinx-edge export --size nano --quant int4 --format onnx --out sphinx_edge/exports/nano_int4 --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -51,6 +51,7 @@ class TorchBackend:
 
 def source_model(manifest: dict, export_dir: Path) -> SphinxModel:
     """The PyTorch model an export was made from, by the manifest's `source` record."""
+    from sphinx_edge.bundled import bundled_weights
     from sphinx_edge.checkpoints import load_model
     from sphinx_edge.config import SphinxConfig
     from sphinx_edge.model.sphinx import build_model
@@ -59,7 +60,7 @@ def source_model(manifest: dict, export_dir: Path) -> SphinxModel:
     config = SphinxConfig.from_dict(manifest["model"]["config"])
     if source.get("random_init"):
         return build_model(config, seed=source.get("seed", 0))
-    checkpoint = source.get("checkpoint")
+    checkpoint = bundled_weights(source["bundled"]) if "bundled" in source else source.get("checkpoint")
     if not checkpoint or not Path(checkpoint).exists():
         raise FileNotFoundError(f"{export_dir}: the checkpoint it was exported from ({checkpoint or 'not recorded'}) "
                                 "is not here, so there is no PyTorch reference to time")

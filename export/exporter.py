@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sphinx_edge.bundled import VERIFY_IMAGE, bundled_weights
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.io import publish_mode, replace_dir
 from sphinx_edge.model.sphinx import SphinxModel
-from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
+from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest, sha256
 from sphinx_edge.tokenizer import Tokenizer
 from sphinx_edge.versions import installed_versions
 
@@ -31,7 +32,6 @@ FORMATS = ("onnx", "pte")
 COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
                "(ExecuTorch's Core ML runtime); check it there with `sphinx-edge run`")
 STAGING_MARK = ".sphinx-edge-staging"  # in a staging directory: the exporting process's id
-SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "sphinx_edge" / "assets" / "wide_2x1.png"
 
 
 class ExportError(ValueError):
@@ -99,7 +99,7 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
     with tempfile.TemporaryDirectory() as tmp:
         say("verify: the PyTorch reference")
         model = load()
-        reference = torch_reference(model, tokenizer, SAMPLE_IMAGE)
+        reference = torch_reference(model, tokenizer, VERIFY_IMAGE)
         data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
         accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
         del model
@@ -201,10 +201,19 @@ class ModelSource:
         return build_model(get_config(self.size), seed=self.seed).eval()
 
     def entry(self) -> dict:
-        """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference."""
-        if self.checkpoint:
-            return {"checkpoint": str(Path(self.checkpoint).resolve())}
-        return {"random_init": True, "seed": self.seed}
+        """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference. Weights that
+        ship with the package are named by size, not by a path that only holds on the exporting machine."""
+        if not self.checkpoint:
+            return {"random_init": True, "seed": self.seed}
+        folder = Path(self.checkpoint).resolve()
+        if folder == bundled_weights(self.size):
+            return {"bundled": self.size, "weights": _weights_digest(folder)}
+        return {"checkpoint": str(folder)}
+
+
+def _weights_digest(folder: Path) -> dict[str, str]:
+    """sha256 of each weight file of a checkpoint folder: tells whether an export is stale."""
+    return {f.name: sha256(f) for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".pth", ".bin")}
 
 
 def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions,

@@ -124,7 +124,8 @@ def build_site(export_dir: str | os.PathLike, site_dir: str | os.PathLike, *,
     sources.update({export_dir / f: site / "model" / f for f in model_files})
     for src in sources:
         if not src.is_file():
-            hint = " (onnxruntime-web is not installed: run runtime/web/install-deps.sh)" if src.parent == dist else ""
+            hint = (" (onnxruntime-web is not installed: in a checkout run runtime/web/install-deps.sh; a wheel built "
+                    "before that carries none)") if src.parent == dist else ""
             raise WebBundleError(f"{src} is missing{hint}")
 
     for src, dst in sources.items():

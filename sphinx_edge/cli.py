@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sphinx_edge import errors
+from sphinx_edge.bundled import NANO_EXPORT, SAMPLES, bundled_weights, weight_sizes
 from sphinx_edge.config import LAYOUTS, SIZES, get_config, parameter_counts
 
 console = Console(highlight=False)
@@ -40,8 +41,6 @@ app = Commands(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-SAMPLES = Path(__file__).parent / "assets"
-BUNDLED = Path(__file__).parent / "weights"  # sizes whose trained weights ship with the package
 data_app = Commands(help="Training data: the synthetic VQA set and tokenizers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -51,9 +50,19 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(errors.EXIT_USER_ERROR)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sphinx_edge import __version__
+
+        console.print(f"sphinx-edge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help="On an error, show the Python traceback instead of one line.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     from sphinx_edge.processes import exit_on_signals
 
@@ -113,15 +122,18 @@ def _describe(c) -> None:
 @app.command()
 def tiles(
     images: Annotated[list[Path], typer.Argument(help="Image files to plan (any format pillow reads).")],
-    size: Annotated[str, typer.Option(help="Size whose view sizes to use.")] = "tiny",
+    size: Annotated[str, typer.Option(help="Size whose view sizes and layout to use.")] = "tiny",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A model instead of --size: an export or checkpoint "
+                                                       "directory (its view sizes and layout, e.g. a 1k model's).")] = None,
     layout: Annotated[Optional[str], typer.Option(help=f"Override the layout: {' or '.join(LAYOUTS)}.")] = None,
 ) -> None:
-    """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free). The size
-    comes from each file's header (nothing is decoded); a file that cannot be read gets a row saying
-    why, and the exit code is 2 if any could not."""
+    """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free for sizes and
+    exports). The size comes from each file's header (nothing is decoded); a file that cannot be read
+    gets a row saying why, and the exit code is 2 if any could not."""
     from sphinx_edge.layout import ImageLoadError, image_size, plan_tiles
 
-    cfg = get_config(size)
+    cfg = _config_of(checkpoint) if checkpoint else get_config(size)
+    size = cfg.name
     layout = layout or cfg.layout
     if layout not in LAYOUTS:
         fail(f"--layout: unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
@@ -150,13 +162,23 @@ def tiles(
         raise typer.Exit(errors.EXIT_USER_ERROR)
 
 
-def _load(checkpoint: Optional[Path], size: Optional[str]):
+def _config_of(model_dir: Path):
+    """The configuration of an export (its manifest) or of a checkpoint directory (read from its files)."""
+    from sphinx_edge.config import SphinxConfig
+    from sphinx_edge.runtime.manifest import MANIFEST, read_manifest
+
+    if (model_dir / MANIFEST).is_file():
+        return SphinxConfig.from_dict(read_manifest(model_dir)["model"]["config"])
+    return _load(model_dir, None, dtype="bfloat16").config  # half the memory: only the configuration is used
+
+
+def _load(checkpoint: Optional[Path], size: Optional[str], dtype: str = "float32"):
     from sphinx_edge.checkpoints import CheckpointError, load_model
 
     if checkpoint is None:
         fail("give --checkpoint DIR (a sphinx-edge or LLaMA2-Accessory directory)")
     try:
-        return load_model(checkpoint, size)
+        return load_model(checkpoint, size, dtype=dtype)
     except CheckpointError as e:
         fail(str(e))
 
@@ -166,10 +188,10 @@ def _model_and_tokenizer(checkpoint: Optional[Path], size: Optional[str]):
     from sphinx_edge.checkpoints import tokenizer_path
     from sphinx_edge.tokenizer import Tokenizer
 
-    if checkpoint is None and size and (BUNDLED / size / "config.json").exists():
-        checkpoint = BUNDLED / size
+    if checkpoint is None and size and bundled_weights(size):
+        checkpoint = bundled_weights(size)
     elif checkpoint is None and size:
-        fail(f"no weights ship for size {size!r} (bundled: {', '.join(p.name for p in BUNDLED.glob('*')) or 'none'}); "
+        fail(f"no weights ship for size {size!r} (bundled: {', '.join(weight_sizes()) or 'none'}); "
              "give --checkpoint DIR")
     model = _load(checkpoint, size)
     return model, Tokenizer(tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model"))
@@ -179,8 +201,8 @@ def _model_and_tokenizer(checkpoint: Optional[Path], size: Optional[str]):
 def chat(
     args: Annotated[Optional[list[str]], typer.Argument(
         metavar="[EXPORT_DIR] [QUESTION]",
-        help="An export directory (run it with the torch-free runtime) and/or the question; with no question, "
-             "chat turn by turn (an empty line ends).")] = None,
+        help="An export directory (run with the torch-free runtime; default: the bundled SPHINX-Nano int4 "
+             "export) and/or the question; with no question, chat turn by turn (an empty line ends).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image to talk about.")] = None,
     size: Annotated[Optional[str], typer.Option(help="PyTorch path: size; with no --checkpoint, its bundled weights (nano).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch path: model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
@@ -191,18 +213,16 @@ def chat(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: int = 0,
 ) -> None:
-    """Ask about an image, streaming the answer: with EXPORT_DIR through the exported graphs (the KV
-    cache kept between turns), else with the PyTorch model (--size nano: the bundled weights). With no
+    """Ask about an image, streaming the answer: through exported graphs (EXPORT_DIR, else the bundled
+    SPHINX-Nano export; the KV cache kept between turns), or with --size / --checkpoint through the
+    PyTorch model (needs the \\[export] or \\[train] extra). With no
     QUESTION, questions are read line by line from the terminal or a pipe until an empty line or the
     end of input; when the conversation outgrows the context, its oldest turns are dropped."""
-    from sphinx_edge.prompt import answer_room, check_text, format_prompt, turns_to_drop
+    from sphinx_edge.prompt import answer_room, format_prompt, turns_to_drop
 
-    args = list(args or [])
-    export_dir = Path(args.pop(0)) if args and Path(args[0]).is_dir() else None
-    if len(args) > 1:
-        fail(f"expected at most one question, got {len(args)} arguments ({', '.join(map(repr, args))}): "
-             "quote the question" + ("" if export_dir else "; the first is not an export directory either"))
-    question = check_text(args[0], "the question") if args else None
+    export_dir, question = _export_and_question(args)
+    if export_dir is None and checkpoint is None and size is None:
+        export_dir = NANO_EXPORT  # torch-free: what a runtime-only install can run
     stream = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
 
@@ -255,6 +275,19 @@ def chat(
             ask(q)
         except ContextOverflowError as e:  # too long for the context even alone: the chat goes on
             report_error(str(e))
+
+
+def _export_and_question(args: Optional[list[str]]) -> tuple[Optional[Path], Optional[str]]:
+    """`[EXPORT_DIR] [QUESTION]`: of two arguments the first is the export; a lone one is the export when
+    it names a directory, else the question."""
+    from sphinx_edge.prompt import check_text
+
+    args = list(args or [])
+    if len(args) > 2:
+        fail(f"expected an export directory and one question, got {len(args)} arguments "
+             f"({', '.join(map(repr, args))}): quote the question")
+    export_dir = Path(args.pop(0)) if len(args) == 2 or (args and Path(args[0]).is_dir()) else None
+    return export_dir, (check_text(args[0], "the question") if args else None)
 
 
 def _questions():
@@ -410,8 +443,8 @@ def export_cmd(
         fail(f"unknown --backend {backend!r}; choose xnnpack or coreml")
     if backend == "coreml" and "pte" not in formats:
         fail("--backend coreml lowers the ExecuTorch program: add --format pte (or both)")
-    bundled = BUNDLED / size
-    if checkpoint is None and not random_init and not (bundled / "config.json").exists():
+    bundled = bundled_weights(size)
+    if checkpoint is None and not random_init and bundled is None:
         how = SIZE_WEIGHTS_HELP.get(size, "the released checkpoint of this size (LLaMA2-Accessory format)")
         fail(f"no weights for {size!r}: give --checkpoint DIR with {how}; or pass --random-init to export random "
              "weights of the real shape, which is what latency and memory benchmarks need (answers will be noise)")
@@ -491,8 +524,10 @@ def _print_export_summary(out: Path, manifest: dict, seconds: float) -> None:
 
 @app.command()
 def run(
-    export_dir: Annotated[Path, typer.Argument(help="A directory written by `sphinx-edge export`.")],
-    prompt: Annotated[str, typer.Option(help="The question.")],
+    args: Annotated[list[str], typer.Argument(
+        metavar="[EXPORT_DIR] QUESTION",
+        help="A directory written by `sphinx-edge export` (default: the bundled SPHINX-Nano int4 ONNX export) "
+             "and the question.")],
     image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
     backend: Annotated[str, typer.Option(help="onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the runtime's).")] = None,
@@ -501,13 +536,16 @@ def run(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
 ) -> None:
-    """Answer one question with an exported model (no PyTorch on the onnx backend), with stage timings."""
-    from sphinx_edge.prompt import check_text
+    """Answer one question with an exported model (no PyTorch on the onnx backend), with stage timings.
+    Example, right after `pip install sphinx-edge`: sphinx-edge run --image photo.png "What is in the picture?"
+    """
     from sphinx_edge.runtime.pipeline import Pipeline
 
-    check_text(prompt, "--prompt")
-    pipeline = Pipeline(export_dir, backend, threads=threads)
-    answer = pipeline.answer(prompt, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+    export_dir, question = _export_and_question(args)
+    if question is None:
+        fail("give the question (quote it): sphinx-edge run [EXPORT_DIR] QUESTION")
+    pipeline = Pipeline(export_dir or NANO_EXPORT, backend, threads=threads)
+    answer = pipeline.answer(question, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
     console.print()
     t = answer.timings
@@ -520,7 +558,7 @@ def run(
 def request(
     export_dir: Annotated[Path, typer.Argument(help="A directory written by `sphinx-edge export` (its manifest and "
                                                "tokenizer are used; the graphs are not loaded).")],
-    prompt: Annotated[str, typer.Option(help="The question.")],
+    question: Annotated[str, typer.Argument(help="The question.")],
     out: Annotated[Path, typer.Option(help="The request file to write (replaced atomically).")],
     image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget (the runner's "
@@ -535,15 +573,16 @@ def request(
     from sphinx_edge.prompt import check_text
     from sphinx_edge.runtime.request import write_request
 
-    check_text(prompt, "--prompt")
-    info = write_request(export_dir, image, prompt, out, max_new_tokens=max_new_tokens)
+    check_text(question, "the question")
+    info = write_request(export_dir, image, question, out, max_new_tokens=max_new_tokens)
     console.print(f"wrote {out}: {info['sequence_length']} positions, {info['views']} views, "
                   f"{info['skipped_tiles']} skip tokens, {info['bytes'] / 1e6:.2f} MB")
 
 
 @app.command()
 def web(
-    export_dir: Annotated[Path, typer.Argument(help="An ONNX export (`sphinx-edge export --format onnx`).")],
+    export_dir: Annotated[Optional[Path], typer.Argument(help="An ONNX export (`sphinx-edge export --format onnx`); "
+                                                       "default: the bundled SPHINX-Nano int4 export.")] = None,
     out: Annotated[Path, typer.Option(help="The site folder to write (created, or refreshed in place).")] = Path("out/web"),
     serve: Annotated[bool, typer.Option("--serve", help="Then serve the site until Ctrl-C.")] = False,
     host: Annotated[str, typer.Option(help="Address for --serve.")] = "127.0.0.1",
@@ -556,7 +595,7 @@ def web(
     from sphinx_edge.runtime.web_bundle import WebBundleError, build_site, make_server
 
     try:
-        site = build_site(export_dir, out)
+        site = build_site(export_dir or NANO_EXPORT, out)
         server = make_server(site, host, port, verbose=True) if serve else None
     except (ManifestError, WebBundleError, OSError) as e:
         fail(str(e))
@@ -584,7 +623,7 @@ def bench(
                                                         "2:1 and 1:3 samples); repeat for several.")] = None,
     skip_tokens: Annotated[str, typer.Option(help="on: the model's layout (skip tokens for padded tiles); off: every "
                                              "tile encoded (sphinx-1k); both: each image both ways.")] = "both",
-    prompt: Annotated[str, typer.Option(help="The question asked about each image.")] = "What is in the image?",
+    question: Annotated[str, typer.Option(help="The question asked about each image.")] = "What is in the image?",
     decode_tokens: Annotated[int, typer.Option(min=0, help="Greedy tokens decoded per answer (EOS ignored).")] = 32,
     pp: Annotated[int, typer.Option(min=0, help="LLM alone: prompt tokens prefilled (llama-bench ppN; clipped to "
                                     "the context; 0 skips the LLM-alone rows).")] = 512,
@@ -671,7 +710,7 @@ def bench(
             fail(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
     if peer and not pp and not tg:
         fail("--peer compares the LLM alone: give --pp and/or --tg above 0")
-    spec = BenchSpec(export_dirs=export_dirs, backends=list(backend), images=images, layouts=layouts, prompt=prompt,
+    spec = BenchSpec(export_dirs=export_dirs, backends=list(backend), images=images, layouts=layouts, prompt=question,
                      decode_tokens=decode_tokens, pp=pp, tg=tg, warmup=warmup, repeats=repeats, threads=threads,
                      llm_only=llm_only, bandwidth=bandwidth, peers=list(peer), peers_dir=peers_dir, target=target,
                      runner_dir=runner_dir)
@@ -818,17 +857,29 @@ def data_tokenizer(
 
 @app.command()
 def convert(
-    source: Annotated[Path, typer.Argument(help="A sphinx-edge or LLaMA2-Accessory model directory.")],
+    source: Annotated[Path, typer.Argument(help="A sphinx-edge or LLaMA2-Accessory model directory, or "
+                                           "hf://OWNER/REPO\\[/SUBFOLDER] on the Hugging Face Hub.")],
     out: Annotated[Path, typer.Option(help="Output directory (sphinx-edge format).")],
-    size: Annotated[Optional[str], typer.Option(help="Expected size; another one is refused.")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Expected size: a check (the configuration is read from "
+                                                "the checkpoint); a checkpoint of another shape is refused.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights' dtype: checkpoint (keep its own), float32, bfloat16 "
+                                       "or float16.")] = "checkpoint",
 ) -> None:
     """Convert a released SPHINX directory to the sphinx-edge format (safetensors)."""
-    from sphinx_edge.checkpoints import tokenizer_path
+    from sphinx_edge.checkpoints import CheckpointError, load_model, tokenizer_path
     from sphinx_edge.checkpoints.native import save_native
 
-    model = _load(source, size)
-    save_native(model, out, tokenizer=tokenizer_path(source))
-    console.print(f"wrote {out} ({model.config.name}, layout {model.config.layout})")
+    if dtype not in ("checkpoint", "float32", "bfloat16", "float16"):
+        fail(f"--dtype: unknown dtype {dtype!r}; choose checkpoint, float32, bfloat16 or float16")
+    try:
+        model = load_model(source, size, dtype=None if dtype == "checkpoint" else dtype)
+        tokenizer = tokenizer_path(source)
+    except CheckpointError as e:
+        fail(str(e))
+    save_native(model, out, tokenizer=tokenizer)
+    c = model.config
+    console.print(f"wrote {out}: {c.name} ({c.llama_type}, LLM {c.llm.family} {c.llm.dim}x{c.llm.n_layers}, "
+                  f"layout {c.layout}, {str(next(model.parameters()).dtype).removeprefix('torch.')})")
 
 
 @app.command()
@@ -864,13 +915,13 @@ def demo(
 ) -> None:
     """The main job on the bundled default: export SPHINX-Nano to int4 (ONNX and ExecuTorch), answer a
     question about a bundled image with both backends, and print the per-stage latency table."""
-    if not (BUNDLED / "nano" / "config.json").exists():
+    if bundled_weights("nano") is None:
         fail("the bundled SPHINX-Nano weights are missing (sphinx_edge/weights/nano); `make nano` trains them")
     console.rule("1. export SPHINX-Nano, int4, ONNX + ExecuTorch")
     export_cmd(size="nano", out=out, quant="int4", fmt="both", overwrite=True)
     for name in ("onnx", "pte"):
         console.rule(f"2. {name}: {DEMO_QUESTION} ({DEMO_IMAGE.name})")
-        run(out, DEMO_QUESTION, image=DEMO_IMAGE, backend=name, max_new_tokens=16)
+        run([str(out), DEMO_QUESTION], image=DEMO_IMAGE, backend=name, max_new_tokens=16)
     console.rule("3. latency by stage (this machine)")
     bench([out], backend=["onnx", "pte"], image=[DEMO_IMAGE], skip_tokens="both", pp=256, tg=64, repeats=repeats,
           bandwidth=False)

@@ -50,15 +50,13 @@ def user_message(error: BaseException) -> str:
 def guarded(command: F, report: Callable[[str], None]) -> F:
     """`command` with its expected failures reported as one line and exit code 2, other exceptions
     as one line and exit code 1 (a bug), unless debugging."""
-    import click
-    import typer
+    import typer  # 0.29+ carries its own click: its exceptions are typer's, whichever click is installed
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort, SystemExit,
-                KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, typer.TyperException, SystemExit, KeyboardInterrupt):
             raise
         except EXPECTED as e:
             if debug:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -105,11 +107,11 @@ def pte_export(tmp_path_factory, tokenizer_file):
 def nano_int4_pte(tmp_path_factory):
     """Export dir: the bundled SPHINX-Nano as an int4 ExecuTorch program (what ships to devices)."""
     from sphinx_edge.checkpoints import load_model
-    from sphinx_edge.cli import BUNDLED
+    from sphinx_edge.bundled import WEIGHTS
     from sphinx_edge.export.exporter import ExportOptions, export_model
     from sphinx_edge.tokenizer import Tokenizer
 
-    nano = BUNDLED / "nano"
+    nano = WEIGHTS / "nano"
     out = tmp_path_factory.mktemp("export") / "nano-int4-pte"
     export_model(lambda: load_model(nano, "nano").eval(), Tokenizer(nano / "tokenizer.model"), out,
                  ExportOptions(quant="int4", formats=("pte",), verify=False), source={"checkpoint": str(nano)})
@@ -132,3 +134,34 @@ def run_torch_free(body: str):
         sys.meta_path.insert(0, Block())
     """) + textwrap.dedent(body) + '\nassert "torch" not in sys.modules\n'
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# The browser demo's tools (runtime/web/install-deps.sh)
+
+INSTALL = "run runtime/web/install-deps.sh"
+WEB_DIR = Path(__file__).resolve().parents[1] / "runtime" / "web"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def need_node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        missing_tool(f"node not installed: {INSTALL} (needs Node.js >= 20)")
+    return node
+
+
+def need_npm_packages(*names: str) -> None:
+    for name in names:
+        if not (WEB_DIR / "node_modules" / name / "package.json").is_file():
+            missing_tool(f"npm package {name} not installed in runtime/web/node_modules: {INSTALL}")
+
+
+@pytest.fixture(scope="session")
+def browser_tools() -> str:
+    """node's path, once node, the npm packages and chromium are there (checked before the export)."""
+    node = need_node()
+    need_npm_packages("onnxruntime-web", "playwright-core")
+    if not os.access(CHROMIUM, os.X_OK):
+        missing_tool(f"chromium not installed at {CHROMIUM}: {INSTALL} (or set CHROMIUM)")
+    return node

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from sphinx_edge.cli import BUNDLED, SAMPLES
+from sphinx_edge.bundled import SAMPLES, WEIGHTS
 from sphinx_edge.train.synthetic import ANSWERS, generate as synthesize
 from tests.test_cli import run
 
-NANO = BUNDLED / "nano"
+NANO = WEIGHTS / "nano"
 
 
 def test_bundled_files_and_size():
@@ -36,3 +36,21 @@ def test_held_out_accuracy_is_far_above_the_priors(tmp_path):
     data = synthesize(tmp_path, 60, seed=1, split="test")  # the first 60 of data/nano/test.json
     result = evaluate(lambda image, q: generate(model, tok, q, image, max_new_tokens=8).text, data)
     assert result["accuracy"] >= 0.75, result  # 88.3 % on these 60, 86.8 % on all 500 (benchmarks/RESULTS.md)
+
+
+def test_the_bundled_export_is_of_the_bundled_weights_and_answers_like_them():
+    """The int4 ONNX export that ships (`make bundled-export`) was made from the weights that ship now,
+    its files are intact, and it answers held-out questions as the PyTorch model does, mostly."""
+    from sphinx_edge.bundled import NANO_EXPORT
+    from sphinx_edge.runtime.manifest import check_files, read_manifest, sha256
+    from sphinx_edge.runtime.pipeline import Pipeline
+
+    manifest = read_manifest(NANO_EXPORT)
+    assert manifest["source"] == {"bundled": "nano", "weights": {"model.safetensors": sha256(NANO / "model.safetensors")}}, \
+        "the bundled export is stale: run `make bundled-export`"
+    check_files(NANO_EXPORT, manifest, list(manifest["files"]))
+    config = json.loads((NANO / "config.json").read_text())["config"]
+    assert manifest["model"]["config"] == config and manifest["quantization"]["quant"] == "int4"
+    pipeline = Pipeline(NANO_EXPORT)
+    answer = pipeline.answer("Which side is the yellow triangle on?", SAMPLES / "shapes_2x1.png", max_new_tokens=8)
+    assert answer.text.split()[0].strip(".").lower() in ANSWERS["position"], answer.text

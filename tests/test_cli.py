@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sphinx_edge.checkpoints.accessory import write_accessory
-from sphinx_edge.cli import SAMPLES, app
+from sphinx_edge.bundled import SAMPLES
+from sphinx_edge.cli import app
 from tests.conftest import make_image
 
 runner = CliRunner()
@@ -25,9 +26,16 @@ def test_every_command_has_help():
     commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
                 "bench", "profile", "request", "web", "warmup-encoders"]
     assert all(c in out for c in commands)
+    helps = {}
     for command in commands:
-        code, out = run(command, "--help")
-        assert code == 0 and "Usage" in out
+        code, helps[command] = run(command, "--help")
+        assert code == 0 and "Usage" in helps[command]
+    # Square brackets in help texts are rich markup unless escaped: these must survive as written.
+    flat = {c: " ".join(h.replace("│", " ").split()) for c, h in helps.items()}
+    assert "pip install 'sphinx-edge[peers]'" in flat["bench"] and "sphinx-edge[bench]" in flat["bench"]
+    assert "hf://OWNER/REPO[/SUBFOLDER]" in flat["convert"] and "the [export] or [train] extra" in flat["chat"]
+    code, out = run("--version")
+    assert code == 0 and out.strip().startswith("sphinx-edge ")
 
 
 def test_info_reports_sizes_without_importing_torch():
@@ -68,15 +76,26 @@ def test_convert_then_chat(model_factory, tokenizer_file, tmp_path):
     assert "prompt tokens" in out and "stop:" in out
 
 
-@pytest.mark.parametrize("problem", ["missing", "wrong-size", "no-checkpoint"])
+@pytest.mark.parametrize("problem", ["missing", "wrong-size", "no-weights"])
 def test_chat_refuses_bad_checkpoints_clearly(model_factory, tmp_path, problem):
     write_accessory(model_factory("test-tiny"), tmp_path / "released", mp=1)
     args = {"missing": ["--checkpoint", tmp_path / "nowhere"],
             "wrong-size": ["--checkpoint", tmp_path / "released", "--size", "test-moe"],
-            "no-checkpoint": []}[problem]
+            "no-weights": ["--size", "tiny"]}[problem]
     code, out = run("chat", "hi", *args)
     assert code == 2 and "error:" in out
-    assert {"missing": "does not exist", "wrong-size": "mixtral", "no-checkpoint": "--checkpoint"}[problem] in out
+    assert {"missing": "does not exist", "wrong-size": "mixtral", "no-weights": "no weights ship for size 'tiny'"}[problem] in out
+
+
+def test_run_and_chat_answer_from_the_bundled_export_when_given_no_model():
+    from sphinx_edge.bundled import SAMPLES
+
+    for command in ("run", "chat"):
+        code, out = run(command, "--image", SAMPLES / "shapes_2x1.png", "Which side is the yellow triangle on?",
+                        "--max-new-tokens", "6")
+        assert code == 0 and out.split()[0].strip(".").lower() in ("left", "right", "top", "bottom"), out
+    code, out = run("run", "--image", SAMPLES / "shapes_2x1.png")
+    assert code == 2 and "Missing argument" in out
 
 
 def test_data_train_eval_and_chat_commands(tmp_path):
@@ -155,14 +174,14 @@ def test_export_then_run(tokenizer_file, tmp_path):
     assert "decoder.onnx" in out and "tokenizer.model" in out
     assert "top-1 agreement" in out
     make_image(50, 100).save(tmp_path / "tall.png")
-    code, out = run("run", tmp_path / "e", "--prompt", "What is it?", "--image", tmp_path / "tall.png",
+    code, out = run("run", tmp_path / "e", "What is it?", "--image", tmp_path / "tall.png",
                     "--max-new-tokens", "3")
     assert code == 0, out
     assert "image)" in out and "vision" in out and "prefill" in out
     code, out = run("export", "--size", "test-tiny", "--random-init", "--tokenizer", tokenizer_file,
                     "--out", tmp_path / "e")
     assert code == 2 and "already holds an export of 'test-tiny'" in out
-    code, out = run("run", tmp_path / "nowhere", "--prompt", "hi")
+    code, out = run("run", tmp_path / "nowhere", "hi")
     assert code == 2 and "not a directory" in out
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sphinx_edge.cli import SAMPLES, app
+from sphinx_edge.bundled import SAMPLES
+from sphinx_edge.cli import app
 from sphinx_edge.runtime.manifest import ManifestError
 from tests.test_cli import run
 
@@ -31,7 +32,7 @@ def test_a_manifest_entry_without_size_or_hash_is_refused(onnx_export, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["files"]["decoder.onnx"]["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    code, out = run("run", copy, "--prompt", "hi")
+    code, out = run("run", copy, "hi")
     assert code == 2 and "decoder.onnx" in out and "'sha256'" in out
     _no_traceback(out)
 
@@ -45,22 +46,22 @@ def test_manifest_file_names_stay_inside_the_export(onnx_export, tmp_path, name)
     manifest["files"][name] = manifest["files"].pop("tokenizer.model")
     manifest["tokenizer"] = name
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    code, out = run("run", copy, "--prompt", "hi")
+    code, out = run("run", copy, "hi")
     assert code == 2 and "not a file name inside the export directory" in out
     _no_traceback(out)
 
 
 def test_prompts_that_are_not_valid_utf8_are_refused(onnx_export, tmp_path):
     _, out_dir, _ = onnx_export
-    code, out = run("run", out_dir, "--prompt", "caf\udce9 ?")  # how Python passes the byte 0xE9 of argv
-    assert code == 2 and "--prompt is not valid UTF-8" in out
+    code, out = run("run", out_dir, "caf\udce9 ?")  # how Python passes the byte 0xE9 of argv
+    assert code == 2 and "the question is not valid UTF-8" in out
     code, out = run("chat", out_dir, "caf\udce9 ?")
     assert code == 2 and "not valid UTF-8" in out
     # Really through argv: undecodable bytes reach Python as lone surrogates.
-    proc = subprocess.run([str(SCRIPT), "request", str(out_dir), "--prompt", b"caf\xe9 ?", "--out", str(tmp_path / "r")],
+    proc = subprocess.run([str(SCRIPT), "request", str(out_dir), b"caf\xe9 ?", "--out", str(tmp_path / "r")],
                           capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "200"})
     err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 2 and "--prompt is not valid UTF-8" in err and not (tmp_path / "r").exists()
+    assert proc.returncode == 2 and "the question is not valid UTF-8" in err and not (tmp_path / "r").exists()
     _no_traceback(err)
 
 
@@ -76,8 +77,8 @@ def test_chat_refuses_an_undecodable_line_and_goes_on(onnx_export):
 
 def test_empty_prompts_are_refused(onnx_export):
     _, out_dir, _ = onnx_export
-    code, out = run("run", out_dir, "--prompt", "  ")
-    assert code == 2 and "--prompt is empty" in out
+    code, out = run("run", out_dir, "  ")
+    assert code == 2 and "the question is empty" in out
     code, out = run("chat", out_dir, "")
     assert code == 2 and "the question is empty" in out
 
@@ -104,7 +105,7 @@ def test_checkpoint_problems_are_named_for_what_they_are(tmp_path):
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_thread_counts_below_one_are_refused(onnx_export, value):
     _, out_dir, _ = onnx_export
-    for command in (["run", out_dir, "--prompt", "hi"], ["chat", out_dir, "hi"], ["bench", out_dir]):
+    for command in (["run", out_dir, "hi"], ["chat", out_dir, "hi"], ["bench", out_dir]):
         code, out = run(*command, "--threads", value)
         assert code == 2 and "--threads" in out and "greater than or equal to 1" in out, out
 
@@ -126,9 +127,9 @@ def test_a_bug_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(monkey
 
 
 def test_debug_shows_the_traceback_of_an_expected_failure(tmp_path):
-    result = CliRunner().invoke(app, ["--debug", "run", str(tmp_path / "nowhere"), "--prompt", "hi"])
+    result = CliRunner().invoke(app, ["--debug", "run", str(tmp_path / "nowhere"), "hi"])
     assert isinstance(result.exception, ManifestError)
-    proc = subprocess.run([str(SCRIPT), "--debug", "run", str(tmp_path / "nowhere"), "--prompt", "hi"],
+    proc = subprocess.run([str(SCRIPT), "--debug", "run", str(tmp_path / "nowhere"), "hi"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 

@@ -52,7 +52,7 @@ def test_request_over_every_odd_image(corpus, onnx_export, tmp_path):
     outcomes = {}
     for name, kind in sorted(kinds.items()):
         path = directory / name
-        code, out = _invoke("request", export_dir, "--image", path, "--prompt", "What is it?", "--out", tmp_path / "r.bin")
+        code, out = _invoke("request", export_dir, "--image", path, "What is it?", "--out", tmp_path / "r.bin")
         assert code in (0, 2), f"{name}: exit code {code}\n{out}"
         if code == 2:
             assert name in out, f"{name}: the error does not name the file:\n{out}"
@@ -92,7 +92,7 @@ def test_run_answers_or_refuses_odd_images_end_to_end(corpus, onnx_export):
                                                          "TIFF-ifd", "DDS-", "FITS-", "PNG-text"))]
     assert len(picked) >= 8
     for name in picked:
-        code, out = _invoke("run", export_dir, "--image", directory / name, "--prompt", "What is it?",
+        code, out = _invoke("run", export_dir, "--image", directory / name, "What is it?",
                             "--max-new-tokens", "2")
         assert code in (0, 2), f"{name}: {out}"
     assert _snapshot(export_dir) == before

@@ -97,10 +97,10 @@ def test_check_text_accepts_exactly_the_nonblank_text_utf8_can_carry(text):
 @settings(max_examples=300, deadline=None)
 @given(text=ANY_TEXT)
 def test_the_bundled_tokenizer_round_trips_any_text_or_refuses_it_clearly(text):
-    from sphinx_edge.cli import BUNDLED
+    from sphinx_edge.bundled import WEIGHTS
     from sphinx_edge.tokenizer import Tokenizer, TokenizerError
 
-    tok = Tokenizer(BUNDLED / "nano" / "tokenizer.model")
+    tok = Tokenizer(WEIGHTS / "nano" / "tokenizer.model")
     try:
         ids = tok.encode(text, bos=True)
     except TokenizerError as e:

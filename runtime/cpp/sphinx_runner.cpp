@@ -175,7 +175,7 @@ int64_t argmax(const float* x, int64_t n) {  // the first maximum, as numpy's ar
                "usage: sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N] [--ignore-eos]\n"
                "       --ignore-eos: decode exactly the token budget, past EOS and stop strings (benchmarks)\n"
                "       sphinx_runner --detokenize REQUEST.bin ID...   (print the text of ids; for tests)\n"
-               "Write REQUEST.bin with: sphinx-edge request EXPORT_DIR --image IMG --prompt Q --out REQUEST.bin\n",
+               "Write REQUEST.bin with: sphinx-edge request EXPORT_DIR --image IMG Q --out REQUEST.bin\n",
                why);
   std::exit(2);
 }

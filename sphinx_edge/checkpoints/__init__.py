@@ -25,19 +25,25 @@ def read_json(file: Path) -> Any:
         raise CheckpointError(f"{file} is not valid JSON ({e})") from e
 
 
-def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
-    """A SphinxModel from a sphinx-edge or LLaMA2-Accessory directory.
+def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "float32"):
+    """A SphinxModel from a sphinx-edge or LLaMA2-Accessory directory, or an `hf://` source.
 
-    `size` (optional) names the expected size: a checkpoint of another family or shape is refused.
+    The configuration comes from the checkpoint (a released directory's is inferred from its files);
+    `size` (optional) is a check: a checkpoint of another family or shape is refused, naming what
+    differs. `dtype`: a torch dtype or its name; None keeps the checkpoint's own.
     """
     import torch
 
     from sphinx_edge.checkpoints.accessory import is_accessory_dir, read_accessory
+    from sphinx_edge.checkpoints.hub import resolve
     from sphinx_edge.checkpoints.native import is_native_dir, read_native
     from sphinx_edge.checkpoints.strict import load_strict
+    from sphinx_edge.config import SIZES
     from sphinx_edge.model.sphinx import SphinxModel
 
-    path = Path(path)
+    if size is not None and size not in SIZES:
+        raise CheckpointError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    path = resolve(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
@@ -56,15 +62,19 @@ def load_model(path: str | os.PathLike, size: str | None = None, dtype=None):
         )
     else:
         raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
+    if dtype is None:  # the checkpoint's own: that of its token embedding
+        dtype = next(t.dtype for k, t in state.items() if k.endswith("tok_embeddings.weight"))
     with torch.device("meta"):
-        model = SphinxModel(config).to(dtype or torch.float32)
+        model = SphinxModel(config).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     load_strict(model, state, f"checkpoint {path}")
     return model.eval()
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:
     """The checkpoint's tokenizer.model, None if it has none; CheckpointError if `path` is no directory."""
-    path = Path(path)
+    from sphinx_edge.checkpoints.hub import resolve
+
+    path = resolve(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
     file = path / "tokenizer.model"

@@ -11,7 +11,6 @@ Accessory rotates interleaved RoPE pairs; q/k rows are permuted to our rotate-ha
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -28,7 +27,8 @@ from sphinx_edge.checkpoints.convert import (
     split_qkv,
 )
 from sphinx_edge.checkpoints.strict import CheckpointError
-from sphinx_edge.config import SIZES, SphinxConfig
+from sphinx_edge.checkpoints.infer import infer_config
+from sphinx_edge.config import SphinxConfig, get_config
 from sphinx_edge.io import atomic_path, write_text_atomic
 
 # llama_type -> LLM family, for the two-expert ("light") Mixture of Visual experts we implement.
@@ -107,7 +107,8 @@ def split_shards(state: dict[str, torch.Tensor], mp: int, n_experts: int = 0) ->
     return shards
 
 
-def _base_config(path: Path, meta: dict, state: dict, size: str | None) -> SphinxConfig:
+def _family(path: Path, meta: dict, state: dict, size: str | None) -> str:
+    """The LLM family of a light (ConvNeXt + DINOv2) checkpoint; refuses the four-expert ones."""
     llama_type = meta.get("llama_type", "")
     if llama_type in FULL_ENSEMBLE_TYPES or any(k.startswith(("llma.clip.", "llma.qformer.")) for k in state):
         raise CheckpointError(
@@ -121,38 +122,11 @@ def _base_config(path: Path, meta: dict, state: dict, size: str | None) -> Sphin
             f"{path}: llama_type {llama_type!r} is not a SPHINX model sphinx-edge reads "
             f"(known: {', '.join(LIGHT_TYPES)})"
         )
-    base = SIZES[size] if size else next(c for c in SIZES.values() if c.llama_type == llama_type)
-    if base.llm.family != family:
+    if size and get_config(size).llm.family != family:
         raise CheckpointError(
-            f"{path} is a {family} model ({llama_type}), but size {base.name!r} is a {base.llm.family} model"
+            f"{path} is a {family} model ({llama_type}), but size {size!r} is a {get_config(size).llm.family} model"
         )
-    return base
-
-
-def _resolve_config(path: Path, base: SphinxConfig, args: dict, state: dict, size: str | None) -> SphinxConfig:
-    """`base` with the shapes the checkpoint declares (config.json) and holds (the FFN width)."""
-    w1 = state.get("llma.layers.0.feed_forward.w1.weight", state.get("llma.layers.0.feed_forward.w1"))
-    n_heads = args.get("n_heads", base.llm.n_heads)
-    llm = dataclasses.replace(
-        base.llm,
-        dim=args.get("dim", base.llm.dim),
-        n_layers=args.get("n_layers", base.llm.n_layers),
-        n_heads=n_heads,
-        n_kv_heads=args.get("n_kv_heads") or n_heads,
-        vocab_size=args.get("vocab_size", base.llm.vocab_size),
-        norm_eps=args.get("norm_eps", base.llm.norm_eps),
-        rope_theta=float(args.get("rope_theta", base.llm.rope_theta)),
-        max_seq_len=args.get("max_seq_len", base.llm.max_seq_len),
-        ffn_dim=w1.shape[0] // max(base.llm.n_experts, 1) if w1 is not None else base.llm.ffn_dim,
-    )
-    if size:
-        diffs = [f"{f.name}: checkpoint {getattr(llm, f.name)} vs size {getattr(base.llm, f.name)}"
-                 for f in dataclasses.fields(llm)
-                 if f.name not in ("max_seq_len",) and getattr(llm, f.name) != getattr(base.llm, f.name)]
-        if diffs:
-            raise CheckpointError(f"{path} does not have the shape of size {size!r}:\n  " + "\n  ".join(diffs))
-    layout = "sphinx-x" if "llma.skip" in state else "sphinx-1k"
-    return dataclasses.replace(base, llm=llm, layout=layout)
+    return family
 
 
 def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
@@ -228,9 +202,12 @@ def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
         if not isinstance(shard, dict) or not isinstance(shard.get("model"), dict):
             raise CheckpointError(f"{file} does not hold {{'model': state_dict}}")
         shards.append(shard["model"])
-    base = _base_config(path, meta, shards[0], size)
-    state = merge_shards(shards, base.llm.n_experts)
-    config = _resolve_config(path, base, args, state, size)
+    family = _family(path, meta, shards[0], size)
+    state = merge_shards(shards)  # the light types have no sparse experts
+    try:
+        config = infer_config(state, args, meta["llama_type"], family, size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return config, to_our_names(state, config)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import missing_tool
-from sphinx_edge.cli import SAMPLES
+from sphinx_edge.bundled import SAMPLES
 from tests.test_cli import run
 
 ROOT = Path(__file__).resolve().parents[2]

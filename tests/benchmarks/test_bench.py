@@ -10,7 +10,7 @@ from sphinx_edge.benchmarks.bench import BenchSpec, TargetUnavailable, check_tar
 from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
 from sphinx_edge.benchmarks.stages import time_llm
 from sphinx_edge.benchmarks.torch_backend import TorchBackend
-from sphinx_edge.cli import SAMPLES
+from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.config import get_config
 from sphinx_edge.runtime.pipeline import Pipeline
 

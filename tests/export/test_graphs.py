@@ -19,9 +19,9 @@ def family_model(size: str):
     """Random weights for the small configs; the shipped weights for Nano."""
     if size == "nano":
         from sphinx_edge.checkpoints import load_model
-        from sphinx_edge.cli import BUNDLED
+        from sphinx_edge.bundled import WEIGHTS
 
-        return load_model(BUNDLED / "nano", "nano").eval()
+        return load_model(WEIGHTS / "nano", "nano").eval()
     return build_model(get_config(size), seed=1).eval()
 
 

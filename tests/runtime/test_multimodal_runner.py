@@ -4,7 +4,7 @@ runtime does: skip tokens go in as plain token ids, each encoded view as one ima
 
 import pytest
 
-from sphinx_edge.cli import SAMPLES
+from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.prompt import STOP_STRINGS
 from sphinx_edge.runtime.multimodal_inputs import build_inputs, sequence_length
 from sphinx_edge.runtime.pipeline import Pipeline

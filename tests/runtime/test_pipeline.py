@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import make_image, run_torch_free
-from sphinx_edge.cli import SAMPLES
+from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.generate import generate
 from sphinx_edge.prompt import ContextOverflowError
 from sphinx_edge.runtime.pipeline import Chat, Pipeline

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import missing_tool
-from sphinx_edge.cli import SAMPLES
+from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.runtime.multimodal_inputs import Segment
 from sphinx_edge.runtime.pipeline import Pipeline
 from sphinx_edge.runtime.request import decode_request, encode_request, write_request

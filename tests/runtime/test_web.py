@@ -22,29 +22,12 @@ from pathlib import Path
 import pytest
 
 from sphinx_edge.runtime.web_bundle import WEB_DIR, WebBundleError, build_site, make_server, tokenizer_json
-from conftest import missing_tool
+from conftest import CHROMIUM, need_node, need_npm_packages
 from web_vectors import bundled_tokenizer, write_tiling_vectors, write_tokenizer_vectors
-
-INSTALL = "run runtime/web/install-deps.sh"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-
-
-def _need_node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        missing_tool(f"node not installed: {INSTALL} (needs Node.js >= 20)")
-    return node
-
-
-def _need_npm_packages(*names: str) -> None:
-    for name in names:
-        if not (WEB_DIR / "node_modules" / name / "package.json").is_file():
-            missing_tool(f"npm package {name} not installed in runtime/web/node_modules: {INSTALL}")
-
 
 def _node_test(files: list[str], vectors: Path) -> str:
     """Runs node's test runner on runtime/web/test files; fails on any failure or skip."""
-    result = subprocess.run([_need_node(), "--test", *files], cwd=WEB_DIR, capture_output=True, text=True,
+    result = subprocess.run([need_node(), "--test", *files], cwd=WEB_DIR, capture_output=True, text=True,
                             timeout=180, env={**os.environ, "SPHINX_WEB_VECTORS": str(vectors)})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
@@ -195,16 +178,6 @@ def _rgb_sha256(path: str) -> str:
     from sphinx_edge.layout import load_image
 
     return hashlib.sha256(np.asarray(load_image(path), np.uint8).tobytes()).hexdigest()
-
-
-@pytest.fixture(scope="session")
-def browser_tools() -> str:
-    """node's path, once node, the npm packages and chromium are there (checked before the export)."""
-    node = _need_node()
-    _need_npm_packages("onnxruntime-web", "playwright-core")
-    if not os.access(CHROMIUM, os.X_OK):
-        missing_tool(f"chromium not installed at {CHROMIUM}: {INSTALL} (or set CHROMIUM)")
-    return node
 
 
 def test_browser_answers_like_python(browser_tools, nano_int4_export, tmp_path):
