@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,23 +18,22 @@ from pathlib import Path
 
 from sphinx_edge.benchmarks.system import describe, memory_bandwidth, physical_cores, runtime_versions
 from sphinx_edge.config import SphinxConfig, parameter_counts
-from sphinx_edge.errors import UserError
 from sphinx_edge.runtime.manifest import read_manifest
 
-BACKENDS = ("torch", "onnx", "pte")
-TARGETS = ("local", "android", "apple")
-DEFAULT_ANDROID_RUNNER = Path("build/cpp-android")  # runtime/cpp/README.md: the NDK build
+BACKENDS = ("torch", "onnx", "pte")  # `--format`: the PyTorch reference, or one of the export's formats
+# `--skip-tokens`: the layouts each image is run with (None: the model's own).
+SKIP_TOKENS = {"on": [None], "off": ["sphinx-1k"], "both": [None, "sphinx-1k"]}
 # Bytes of a linear weight that decoding reads per token, by quantization (int4: 4-bit values
 # plus one fp32 scale per group).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 
 
-class TargetUnavailable(UserError, RuntimeError):
-    """The chosen target's hardware or tools are not here."""
-
-
 class CaseFailed(RuntimeError):
     pass
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot be run as asked: said before anything runs."""
 
 
 @dataclass
@@ -56,29 +53,22 @@ class BenchSpec:
     bandwidth: bool = True
     peers: list[str] = field(default_factory=list)  # of peers.PEERS, on the exports' LLM shape
     peers_dir: Path | None = None  # where the peers' models are written and cached
-    target: str = "local"  # or android: the C++ runner over adb (benchmarks/android.py)
+    target: str = "local"  # of targets.TARGETS
     runner_dir: Path | None = None  # android: sphinx_runner built with the NDK, and its .so files
 
+    def __post_init__(self) -> None:
+        from sphinx_edge.benchmarks.peers import PEERS
 
-def check_target(target: str) -> None:
-    """Raises TargetUnavailable with what is missing; returns for a target that can run here."""
-    if target == "local":
-        return
-    if target == "android":
-        adb = shutil.which("adb")
-        if adb is None:
-            raise TargetUnavailable("--target android needs adb on PATH and a device attached (USB debugging on); "
-                                    "adb was not found")
-        out = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=30).stdout
-        if not [line for line in out.splitlines()[1:] if line.strip().endswith("device")]:
-            raise TargetUnavailable("--target android: adb sees no device; connect one and allow USB debugging")
-        return
-    if target == "apple":
-        if sys.platform != "darwin" or platform.machine() != "arm64":
-            raise TargetUnavailable("--target apple runs on a Mac with Apple silicon; this machine is "
-                                    f"{platform.system()} {platform.machine()}. Run the same command there.")
-        return
-    raise TargetUnavailable(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        unknown = [b for b in self.backends if b not in BACKENDS] + [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise BenchError(f"unknown --format or --peer {', '.join(map(repr, unknown))}; formats: "
+                             f"{', '.join(BACKENDS)}; peers: {', '.join(PEERS)}")
+        if (self.llm_only or self.peers) and not self.pp and not self.tg:
+            raise BenchError(f"{'--llm-only' if self.llm_only else '--peer'} times the LLM alone: give --pp and/or "
+                             "--tg above 0")
+        missing = [str(p) for p in self.images if not Path(p).is_file()]
+        if missing:
+            raise BenchError(f"no image at {', '.join(missing)}")
 
 
 def decode_weight_bytes(config: SphinxConfig, quant: str, group_size: int = 32) -> float:
@@ -92,7 +82,9 @@ def decode_weight_bytes(config: SphinxConfig, quant: str, group_size: int = 32) 
 
 def _run_module(module: str, spec: dict, what: str) -> dict:
     """`python -m module SPEC_JSON` in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+    # -P: the case imports this very package, not a `sphinx_edge` folder in the working directory (a
+    # checkout's source tree, run from with the wheel installed, lacks the mapped subpackages).
+    proc = subprocess.run([sys.executable, "-P", "-m", module, json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -138,40 +130,14 @@ def run_peers(spec: BenchSpec, configs: list[SphinxConfig], on_case: Callable[[s
     return results, skipped
 
 
-def run_android(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
-    """Every export's ExecuTorch program on the attached phone (benchmarks/android.py)."""
-    from sphinx_edge.benchmarks.android import Adb, AndroidError, push_runner, run_android_case
-
-    adb, cases, skipped = Adb(), [], []
-    push_runner(adb, spec.runner_dir or DEFAULT_ANDROID_RUNNER)
-    for export_dir in spec.export_dirs:
-        if "pte" not in read_manifest(export_dir)["graphs"]:
-            skipped.append({"export_dir": str(export_dir), "backend": "pte (android)",
-                            "why": "the export has no pte program (export with --format pte or both)"})
-            continue
-        if on_case:
-            on_case(f"pte on the phone ({export_dir.name})")
-        try:
-            cases.append(run_android_case(adb, export_dir, spec.images, spec.layouts, spec.prompt,
-                                          spec.decode_tokens, spec.warmup, spec.repeats, spec.threads))
-        except AndroidError as e:
-            skipped.append({"export_dir": str(export_dir), "backend": "pte (android)", "why": str(e)})
-    for backend in set(spec.backends) - {"pte"}:
-        skipped.append({"export_dir": "-", "backend": backend, "why": "runs on this host only, not with --target android"})
-    return {"date": date.today().isoformat(), "machine": adb.describe(), "bandwidth_gb_s": None,
-            "threads": spec.threads, "settings": _settings(spec), "cases": cases, "peers": [], "skipped": skipped}
-
-
 def _settings(spec: BenchSpec) -> dict:
     return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k in ("export_dirs", "images") else v)
             for k, v in asdict(spec).items()}
 
 
 def run_matrix(spec: BenchSpec, on_case: Callable[[str], None] | None = None) -> dict:
-    """Every (export, backend) case; the PyTorch reference runs once per model, not per export.
-    Returns the whole result (machine, settings, cases, skipped cases with why)."""
-    if spec.target == "android":  # the phone's runner picks its own default and reports it
-        return run_android(spec, on_case)
+    """Every (export, backend) case on this machine; the PyTorch reference runs once per model, not
+    per export. Returns the whole result (machine, settings, cases, skipped cases with why)."""
     if spec.threads is None:  # every runtime gets the same count, whatever its own default would be
         spec = replace(spec, threads=physical_cores())
     cases, skipped, torch_done = [], [], set()

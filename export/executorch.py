@@ -1,6 +1,6 @@
 """ExecuTorch export: one `program.pte` with the methods ExecuTorch's multimodal runner expects.
 
-Methods (docs/design.md, section 3): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
+Methods (docs/ARCHITECTURE.md, section 4): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
 `token_embedding` (ids [1, L] over text vocabulary + skip/start/end), `text_decoder` (embeddings
 [1, L, dim] + positions [L] -> last-token logits, static KV cache inside as mutable buffers), plus
 constant methods with the metadata a runner reads (`get_max_seq_len`, `get_vocab_size`, ...).
@@ -24,12 +24,11 @@ from torch.export import Dim
 from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.export.onnx import quiet
+from sphinx_edge.export.options import ExportOptions, Format
 from sphinx_edge.io import atomic_path
 from sphinx_edge.model.sphinx import SphinxModel
 
-PTE_QUANTS = ("fp32", "int8", "int4")
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
-BACKENDS = ("xnnpack", "coreml")
 
 
 def _quantize_linears(module: nn.Module, bits: int, group_size: int, weight_only: bool = False) -> None:
@@ -117,16 +116,16 @@ def with_context(model: SphinxModel, max_seq_len: int) -> SphinxModel:
 
 
 def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
-                    embedding_quant: str, backend: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
+                    embedding_quant: str, delegate: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
     """The three methods as ExportedPrograms of `model`, which this quantizes in place."""
     cfg = model.config
     model = model.eval()
-    if quant in ("int8", "int4"):  # the decoder is lowered to XNNPACK with either backend
+    if quant in ("int8", "int4"):  # the decoder is lowered to XNNPACK with either delegate
         _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
         _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
     if vision_quant == "int8":
         for part in (model.convnext, model.dinov2, model.visual_proj):
-            _quantize_linears(part, 8, group_size, weight_only=backend == "coreml")
+            _quantize_linears(part, 8, group_size, weight_only=delegate == "coreml")
     embedding = TokenEmbedding(model)
     if embedding_quant == "int8":
         _quantize_embedding(embedding)
@@ -146,18 +145,18 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     return programs
 
 
-def _partitioners(backend: str) -> dict[str, list]:
+def _partitioners(delegate: str) -> dict[str, list]:
     """The delegate of the vision encoder and of the text decoder (the embedding lookup stays portable).
 
     With coreml only the vision encoder goes to Core ML: the decoder's KV cache lives in
     ExecuTorch's LLM custom ops, which coremltools has no conversion for, and skipping those ops
     leaves partitions whose inputs are symbolic sizes, which it cannot take either. The decoder
-    stays on XNNPACK, the CPU path of the xnnpack backend."""
-    return {"vision_encoder": [_partitioner(backend)], "text_decoder": [_partitioner("xnnpack")]}
+    stays on XNNPACK."""
+    return {"vision_encoder": [_partitioner(delegate)], "text_decoder": [_partitioner("xnnpack")]}
 
 
-def _partitioner(backend: str):
-    if backend == "xnnpack":
+def _partitioner(delegate: str):
+    if delegate == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         return XnnpackPartitioner()
@@ -179,19 +178,14 @@ def _partitioner(backend: str):
 
 def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
                vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
-               on_stage=None, in_place: bool = False, backend: str = "xnnpack", max_seq_len: int | None = None) -> dict:
+               on_stage=None, in_place: bool = False, delegate: str = "xnnpack", max_seq_len: int | None = None) -> dict:
     """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. With `in_place`
     the model's own linears are quantized (the caller no longer needs its fp32 weights), else a
     copy's. `max_seq_len`: the program's context (its static cache), default the model's.
-    `backend`: xnnpack (CPU, any platform) or coreml (the vision encoder on Apple's Core ML, with
+    `delegate`: xnnpack (CPU, any platform) or coreml (the vision encoder on Apple's Core ML, with
     weight-only int8; the decoder on XNNPACK, see `_partitioners`)."""
-    if quant not in PTE_QUANTS:
-        raise ValueError(f"the pte format supports --quant {', '.join(PTE_QUANTS)}; got {quant!r} "
-                         "(XNNPACK's fp16 kernels target ARM; use the onnx format for fp16)")
-    if vision_quant not in ("fp32", "int8"):
-        raise ValueError(f"the pte vision encoder is fp32 or int8; got {vision_quant!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown pte backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ExportOptions(quant=quant, formats=(Format.PTE,), vision_quant=vision_quant, embedding_quant=embedding_quant,
+                  group_size=group_size, delegate=delegate)  # the rules (raises ExportError)
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
@@ -200,13 +194,13 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
     model = model if in_place else copy.deepcopy(model)
     if max_seq_len:
         with_context(model, max_seq_len)
-    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, backend)
+    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, delegate)
     if on_stage:
-        on_stage(f"pte lower ({backend})")
+        on_stage(f"pte lower ({delegate})")
     with quiet():
         edge = to_edge_transform_and_lower(
             programs,
-            partitioner=_partitioners(backend),
+            partitioner=_partitioners(delegate),
             constant_methods=constant_methods(model, tokenizer_ids),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
@@ -217,5 +211,5 @@ def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "
     path = Path(out_dir) / "program.pte"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         program.write_to_file(f)  # streamed: `program.buffer` would join the whole file in memory first
-    return {"program": {"files": [path.name], "methods": list(METHODS), "backend": backend,
+    return {"program": {"files": [path.name], "methods": list(METHODS), "delegate": delegate,
                         "constant_methods": sorted(constant_methods(model, tokenizer_ids))}}

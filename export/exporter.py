@@ -16,47 +16,22 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from sphinx_edge.bundled import VERIFY_IMAGE, bundled_weights
+from sphinx_edge.bundled import VERIFY_IMAGE
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.export.memory import release_memory
+from sphinx_edge.export.options import ExportError, ExportOptions, Format
+from sphinx_edge.export.source import ModelSource
 from sphinx_edge.io import publish_mode, replace_dir
 from sphinx_edge.model.sphinx import SphinxModel
-from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest, sha256
+from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
 from sphinx_edge.versions import installed_versions
 
-FORMATS = ("onnx", "pte")
 COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
                "(ExecuTorch's Core ML runtime); check it there with `sphinx-edge run`")
 STAGING_MARK = ".sphinx-edge-staging"  # in a staging directory: the exporting process's id
-
-
-class ExportError(ValueError):
-    pass
-
-
-@dataclass
-class ExportOptions:
-    quant: str = "fp32"
-    formats: tuple[str, ...] = ("onnx",)
-    vision_quant: str | None = None  # default: int8 for int8/int4, else `quant`
-    embedding_quant: str = "fp32"
-    group_size: int = 32  # int4 block / group size (onnx MatMulNBits, pte 8da4w)
-    accuracy_level: int = 4  # onnxruntime MatMulNBits compute type on CPU
-    verify: bool = True
-    eval_samples: int = 0  # held-out synthetic questions to score (SPHINX-Nano)
-    pte_backend: str = "xnnpack"  # or coreml: the vision encoder on Core ML (see executorch.py)
-    max_seq_len: int | None = None  # the export's context; None: `context_length`'s default
-
-    @property
-    def vision(self) -> str:
-        """The vision encoder's quantization: int8 at most, int8 by default for int8/int4."""
-        if self.vision_quant:
-            return self.vision_quant
-        return "int8" if self.quant in ("int8", "int4") else self.quant
 
 
 CONVERSATION_TOKENS = 512  # text room beside the longest image in the default context
@@ -92,7 +67,7 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
     from sphinx_edge.export.verify import (export_accuracy, held_out_questions, torch_accuracy, torch_reference,
                                            verify_export)
 
-    runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.pte_backend == "coreml")]
+    runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.delegate == "coreml")]
     verification: dict = {"pte": {"skipped": COREML_HERE}} if len(runnable) < len(graphs) else {}
     if not runnable:
         return verification
@@ -181,44 +156,10 @@ def _alive(pid: int) -> bool:
         return True
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where an export's weights come from: a checkpoint directory, or random weights of `size`
-    (seeded). Picklable, so that each stage can load the model in a process of its own."""
-
-    size: str
-    checkpoint: str | None = None
-    seed: int = 0
-
-    def load(self) -> SphinxModel:
-        if self.checkpoint:
-            from sphinx_edge.checkpoints import load_model
-
-            return load_model(self.checkpoint, self.size).eval()  # refuses a checkpoint of another size
-        from sphinx_edge.config import get_config
-        from sphinx_edge.model.sphinx import build_model
-
-        return build_model(get_config(self.size), seed=self.seed).eval()
-
-    def entry(self) -> dict:
-        """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference. Weights that
-        ship with the package are named by size, not by a path that only holds on the exporting machine."""
-        if not self.checkpoint:
-            return {"random_init": True, "seed": self.seed}
-        folder = Path(self.checkpoint).resolve()
-        if folder == bundled_weights(self.size):
-            return {"bundled": self.size, "weights": _weights_digest(folder)}
-        return {"checkpoint": str(folder)}
-
-
-def _weights_digest(folder: Path) -> dict[str, str]:
-    """sha256 of each weight file of a checkpoint folder: tells whether an export is stale."""
-    return {f.name: sha256(f) for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".pth", ".bin")}
-
-
-def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions,
-                say: Callable[[str], None]) -> dict:
-    """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`."""
+def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
+                in_place: bool, say: Callable[[str], None]) -> dict:
+    """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`. (The graphs carry
+    no tokenizer ids, and exporting leaves the model as it was.)"""
     from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
     model = load()  # the ONNX decoder's past grows with the sequence: its graphs do not depend on the context
@@ -239,7 +180,12 @@ def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpti
 
     return export_pte(load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
                       embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, on_stage=say,
-                      in_place=in_place, backend=options.pte_backend, max_seq_len=options.max_seq_len)
+                      in_place=in_place, delegate=options.delegate, max_seq_len=options.max_seq_len)
+
+
+# One stage per format: (load, staging dir, options, tokenizer ids, may modify the model, progress) ->
+# the manifest's `graphs.FORMAT` entry.
+STAGES = {Format.ONNX: _onnx_stage, Format.PTE: _pte_stage}
 
 
 def _in_own_process(stage_fn, *args):
@@ -272,13 +218,6 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
     load = model.load if isolated else model if fresh else (lambda: model)
     source = model.entry() if isolated else source
     out_dir = Path(out_dir)
-    for fmt in options.formats:
-        if fmt not in FORMATS:
-            raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if "onnx" in options.formats:
-        from sphinx_edge.export.onnx import check_quants
-
-        check_quants(options.quant, options.vision, options.embedding_quant)
     say = on_stage or (lambda s: None)
     if isolated:  # the stages load the weights (and refuse a checkpoint of another size)
         from sphinx_edge.config import get_config
@@ -299,23 +238,15 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         graphs: dict[str, dict] = {}
         shutil.copyfile(tokenizer.path, stage / "tokenizer.model")
         ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
-        if "onnx" in options.formats:
+        for fmt in options.formats:
             if isolated:
-                say("onnx graphs (own process)")
-                graphs["onnx"] = _in_own_process(_onnx_stage, model.load, stage, options)
+                say(f"{fmt} graphs" + (f", {options.delegate}" if fmt == Format.PTE else "") + " (own process)")
+                graphs[fmt] = _in_own_process(STAGES[fmt], model.load, stage, options, ids, True)
             else:
-                graphs["onnx"] = _onnx_stage(lambda: current, stage, options, say)
-                current = None
-                release_memory()
-        if "pte" in options.formats:
-            if isolated:
-                say(f"pte program, {options.pte_backend} (own process)")
-                graphs["pte"] = _in_own_process(_pte_stage, model.load, stage, options, ids, True)
-            else:
-                graphs["pte"] = _pte_stage(lambda: current if current is not None else load(), stage, options, ids,
-                                           fresh, say)
-                current = None  # quantized in place when fresh: no longer the fp32 model
-        release_memory()
+                graphs[fmt] = STAGES[fmt](lambda: current if current is not None else load(), stage, options, ids,
+                                          fresh, say)
+                current = None  # a stage may quantize a fresh model in place: no longer the fp32 model
+            release_memory()
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": {"name": config.name, "paper_name": config.paper_name, "config": config.to_dict()},

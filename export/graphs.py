@@ -5,7 +5,7 @@
   passes the encoded views only, so fully padded tiles cost nothing.
 * `TokenEmbedding`: ids [1, L] -> [1, L, dim] over the text vocabulary plus the three image
   specials (skip, start_img, end_img at ids vocab, vocab + 1, vocab + 2), so any runner can place
-  a skip tile as a plain token (docs/design.md, section 3).
+  a skip tile as a plain token (docs/ARCHITECTURE.md, section 4).
 * `TextDecoder` (ExecuTorch): embeddings [1, L, dim] + positions [L] -> last-token logits
   [1, 1, vocab], with the static KV cache inside as mutable buffers (`LlamaOpsKVCache`:
   written in place and read up to the current position by ExecuTorch's LLM custom ops).

@@ -1,4 +1,4 @@
-"""ONNX export: one graph per component (docs/design.md, section 3), then onnxruntime's quantizers.
+"""ONNX export: one graph per component (docs/ARCHITECTURE.md, section 4), then onnxruntime's quantizers.
 
 Graphs come from `torch.onnx.export(dynamo=True)` at opset 18 with dynamic views, sequence and
 past lengths, saved straight to disk; quantization then works file to file. Weights go to one

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sphinx_edge.config import SphinxConfig
+from sphinx_edge.processes import native_output_silenced
 from sphinx_edge.runtime.manifest import decoder_io_names
 
 
@@ -92,21 +93,58 @@ class OnnxBackend:
         trace.parent.rmdir()
 
 
+def executorch_runtime():
+    """ExecuTorch's runtime (its pybindings) with the kernels a .pte of ours calls: the LLM ops
+    (llama::update_cache, llama::custom_sdpa) and the quantized ones (the int8 embedding table).
+
+    Without the compiler stack: `portable_lib` imports one small module of `executorch.exir`, whose
+    package imports torch._dynamo, inductor and the exporters (about 9 s, and most of a pte answer's
+    wall time), so that module is loaded on its own. The kernels come from the libraries that
+    `executorch.extension.llm.custom_ops.custom_ops` and `executorch.kernels.quantized` would load,
+    without their AOT (inductor) registrations, which only exporting needs.
+    """
+    import sys
+    import types
+
+    import executorch
+    import torch
+
+    root = Path(executorch.__path__[0])
+    stand_in = "executorch.exir" not in sys.modules
+    if stand_in:  # an empty package object, so that only exir/_warnings.py runs
+        package = types.ModuleType("executorch.exir")
+        package.__path__ = [str(root / "exir")]
+        sys.modules["executorch.exir"] = package
+        executorch.exir = package
+    try:
+        from executorch.extension.pybindings import portable_lib
+    finally:
+        if stand_in:  # a later `import executorch.exir` (an export) loads the real package
+            del sys.modules["executorch.exir"]
+            del executorch.exir
+
+    for folder, pattern in (("extension/llm/custom_ops", "*custom_ops_aot_lib.*"),
+                            ("kernels/quantized", "*quantized_ops_aot_lib.*")):
+        (library,) = (root / folder).glob(pattern)
+        torch.ops.load_library(str(library))
+    return portable_lib
+
+
 class PteBackend:
     name = "pte"
 
     def __init__(self, export_dir: Path, files: dict[str, list[str]], config: SphinxConfig,
                  threads: int | None = None, *, profile: bool = False) -> None:
         import torch  # ExecuTorch's pybindings exchange torch tensors
-        from executorch.extension.pybindings import portable_lib
-        from executorch.runtime import Runtime
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the decoder's llama:: kernels
-        import executorch.kernels.quantized  # noqa: F401  quantized_decomposed:: kernels (the int8 embedding table)
 
-        if threads:
-            # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.
-            portable_lib._unsafe_reset_threadpool(threads)
-        self.threads = portable_lib._threadpool_get_thread_count()
+        portable_lib = executorch_runtime()
+        from executorch.runtime import Runtime
+
+        with native_output_silenced():  # the threadpool's CPU-probing log lines
+            if threads:
+                # XNNPACK runs on ExecuTorch's own thread pool, not torch's: size that one.
+                portable_lib._unsafe_reset_threadpool(threads)
+            self.threads = portable_lib._threadpool_get_thread_count()
         self._torch = torch
         self.program = Runtime.get().load_program(Path(export_dir) / files["program"][0], enable_etdump=profile)
         self.methods = {name: self.program.load_method(name)

@@ -121,8 +121,9 @@ def graph_files(manifest: dict[str, Any], fmt: str) -> dict[str, list[str]]:
     if not graphs:
         have = ", ".join(manifest["graphs"]) or "none"
         raise ManifestError(f"this export has no {fmt} graphs (it has: {have}); export with --format {fmt}")
-    backend = graphs.get("program", {}).get("backend", "xnnpack")
-    if backend == "coreml" and sys.platform != "darwin":
+    program = graphs.get("program", {})
+    delegate = program.get("delegate", program.get("backend", "xnnpack"))  # "backend" before 2026-12-03
+    if delegate == "coreml" and sys.platform != "darwin":
         raise ManifestError("this export's vision encoder is a Core ML delegate, which runs on Apple devices only; "
-                            "run it there, or export with --backend xnnpack to run it here")
+                            "run it there, or export with --delegate xnnpack to run it here")
     return {name: g["files"] for name, g in graphs.items()}

@@ -53,7 +53,8 @@ def vocab_header(tokenizer: Tokenizer) -> dict[str, Any]:
     pieces, kinds = [], []
     for i in range(sp.GetPieceSize()):
         pieces.append(sp.IdToPiece(i))
-        kinds.append("c" if sp.IsControl(i) else "u" if sp.IsUnknown(i) else "b" if sp.IsByte(i) else "n")
+        kind = "control" if sp.IsControl(i) else "unknown" if sp.IsUnknown(i) else "byte" if sp.IsByte(i) else "normal"
+        kinds.append(PIECE_KINDS[kind])
     return {
         "pieces": pieces,
         "kinds": "".join(kinds),

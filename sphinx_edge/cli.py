@@ -18,6 +18,7 @@ from rich.table import Table
 from sphinx_edge import errors
 from sphinx_edge.bundled import NANO_EXPORT, SAMPLES, bundled_weights, weight_sizes
 from sphinx_edge.config import LAYOUTS, SIZES, get_config, parameter_counts
+from sphinx_edge.export.options import Delegate, ExportError, ExportFormat, ExportOptions, Format, Quant, TableQuant
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -67,7 +68,21 @@ def _global_options(
     from sphinx_edge.processes import exit_on_signals
 
     errors.debug = debug or errors.DEBUG_FROM_ENV
+    _quiet_libraries()
     exit_on_signals()  # SIGTERM / SIGHUP clean up (staging folders, stage processes) as Ctrl-C does
+
+
+# Libraries that log on import what a user cannot act on: torchao, about its optional CUDA kernels
+# ("Failed to load ..._C_cutlass_90a.abi3.so"); torch, about a deprecated registration torchao makes.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    if not errors.debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _billions(n: int) -> str:
@@ -206,7 +221,8 @@ def chat(
     image: Annotated[Optional[Path], typer.Option(help="Image to talk about.")] = None,
     size: Annotated[Optional[str], typer.Option(help="PyTorch path: size; with no --checkpoint, its bundled weights (nano).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch path: model directory (sphinx-edge or LLaMA2-Accessory).")] = None,
-    backend: Annotated[str, typer.Option(help="With EXPORT_DIR: onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
+    fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
+                                        "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With EXPORT_DIR: CPU threads.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
@@ -218,8 +234,6 @@ def chat(
     PyTorch model (needs the \\[export] or \\[train] extra). With no
     QUESTION, questions are read line by line from the terminal or a pipe until an empty line or the
     end of input; when the conversation outgrows the context, its oldest turns are dropped."""
-    from sphinx_edge.prompt import answer_room, format_prompt, turns_to_drop
-
     export_dir, question = _export_and_question(args)
     if export_dir is None and checkpoint is None and size is None:
         export_dir = NANO_EXPORT  # torch-free: what a runtime-only install can run
@@ -234,7 +248,7 @@ def chat(
     if export_dir is not None:
         from sphinx_edge.runtime.pipeline import Chat, Pipeline
 
-        conversation = Chat(Pipeline(export_dir, backend, threads=threads), image)
+        conversation = Chat(Pipeline(export_dir, fmt, threads=threads), image)
 
         def ask(q: str) -> None:
             start = time.perf_counter()
@@ -245,25 +259,17 @@ def chat(
                           f"prefilled, {len(out.token_ids)} generated, stop: {out.stop_reason}, "
                           f"{time.perf_counter() - start:.2f} s[/]")
     else:
-        from sphinx_edge.generate import generate
+        from sphinx_edge.generate import TorchChat
 
-        model, tok = _model_and_tokenizer(checkpoint, size)
-        context = model.config.llm.max_seq_len
-        turns: list[tuple[str, Optional[str]]] = []
-        image_tokens = [0]  # known after the first answer
+        conversation = TorchChat(*_model_and_tokenizer(checkpoint, size), image)
 
         def ask(q: str) -> None:
             start = time.perf_counter()
-            dropped = turns_to_drop(turns, q, lambda t: image_tokens[0] + len(tok.encode(format_prompt(t), bos=True)),
-                                    context - answer_room(max_new_tokens, context))
-            del turns[:dropped]
-            out = generate(model, tok, turns + [(q, None)], image, **stream)
+            out, dropped = conversation.ask(q, **stream)
             console.print()
-            dropped_note(dropped, context)
+            dropped_note(dropped, conversation.model.config.llm.max_seq_len)
             console.print(f"[dim]{out.prompt_len} prompt tokens ({out.image_tokens} image), {len(out.token_ids)} "
                           f"generated, stop: {out.stop_reason}, {time.perf_counter() - start:.1f} s[/]")
-            turns.append((q, out.text.strip()))
-            image_tokens[0] = out.image_tokens
 
     if question is not None:
         ask(question)
@@ -364,50 +370,22 @@ def warmup_encoders_cmd(
         fail(str(e))
 
 
-SIZE_WEIGHTS_HELP = {
-    "tiny": "SPHINX-Tiny's released weights (LLaMA2-Accessory format, Alpha-VLLM/SPHINX on Hugging Face: "
-            "the SPHINX-Tiny folder) or parts assembled with `sphinx-edge assemble`",
-}
-
-
-def _stand_in_tokenizer(vocab_size: int, workdir: Path) -> Path:
-    """A small byte-fallback tokenizer for random-weight exports (latency work needs token ids, not meaning)."""
-    from sphinx_edge.prompt import format_prompt
-    from sphinx_edge.train.synthetic import QUESTIONS
-    from sphinx_edge.train.tokenizer import train_tokenizer
-
-    size = min(vocab_size, 1024)
-    if size < 300:
-        fail(f"the model's vocabulary ({vocab_size}) is too small for a stand-in tokenizer; give --tokenizer FILE")
-    texts = [format_prompt([(q, "yes")]) for q in QUESTIONS.values()] * 50
-    return train_tokenizer(texts, workdir / "tokenizer.model", size)
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 @app.command("export")
 def export_cmd(
     size: Annotated[str, typer.Option(help=f"Model size: {', '.join(SIZES)}.")],
     out: Annotated[Path, typer.Option(help="Output directory (created; refused if it holds another export).")],
-    quant: Annotated[str, typer.Option(help="fp32, fp16 (onnx only), int8 or int4 (LLM linears).")] = "int4",
-    fmt: Annotated[str, typer.Option("--format", help="onnx, pte or both.")] = "onnx",
+    quant: Annotated[Quant, typer.Option(help="The LLM's linears: fp16 for onnx only.")] = Quant.INT4,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="The graphs to write.")] = ExportFormat.ONNX,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory; default: the bundled weights of --size.")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights of the real shape: for latency "
                                               "and memory work only (answers are noise).")] = False,
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.model (default: the checkpoint's; with "
                                                       "--random-init a small stand-in is trained).")] = None,
-    group_size: Annotated[int, typer.Option(min=1, help="int4 block (onnx) / group (pte) size.")] = 32,
-    vision_quant: Annotated[Optional[str], typer.Option(help="Vision encoder: fp32 or int8 (default: int8 when "
-                                                        "--quant is int8/int4, else fp32).")] = None,
-    embedding_quant: Annotated[str, typer.Option(help="Embedding table: fp32 or int8.")] = "fp32",
+    group_size: Annotated[int, typer.Option(min=1, help="int4 block (onnx) / group (pte) size: a power of two, "
+                                            "at least 16.")] = 32,
+    vision_quant: Annotated[Optional[Quant], typer.Option(help="Vision encoder: int8 at most (default: int8 when "
+                                                          "--quant is int8/int4, else --quant).")] = None,
+    embedding_quant: Annotated[TableQuant, typer.Option(help="Token embedding table.")] = TableQuant.FP32,
     verify: Annotated[bool, typer.Option(help="Check the graphs against the PyTorch model after exporting.")] = True,
     eval_samples: Annotated[int, typer.Option("--eval", min=0, help="Also score N held-out synthetic questions "
                                               "(torch vs export; meaningful for nano).")] = 0,
@@ -416,9 +394,10 @@ def export_cmd(
                                                        "static KV cache has this many slots, its memory). "
                                                        "Default: the longest image "
                                                        "plus 512, as a power of two, at most the model's.")] = None,
-    backend: Annotated[str, typer.Option(help="pte lowering: xnnpack (CPU, any device) or coreml (the vision "
-                                         "encoder on Apple's Core ML, compiled on the device; the decoder on "
-                                         "XNNPACK). Core ML exports cannot be run or verified off Apple devices.")] = "xnnpack",
+    delegate: Annotated[Delegate, typer.Option(help="The pte's ExecuTorch delegate: xnnpack (CPU, any device) or "
+                                              "coreml (the vision encoder on Apple's Core ML, compiled on the device; "
+                                              "the decoder on XNNPACK). Core ML exports cannot be run or verified "
+                                              "off Apple devices.")] = Delegate.XNNPACK,
 ) -> None:
     """Export a SPHINX model to ONNX and/or ExecuTorch graphs with a dynamic tile count, quantized.
 
@@ -432,63 +411,32 @@ def export_cmd(
 
     if size not in SIZES:
         fail(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
-    formats = {"onnx": ("onnx",), "pte": ("pte",), "both": ("onnx", "pte")}.get(fmt)
-    if formats is None:
-        fail(f"unknown format {fmt!r}; choose onnx, pte or both")
-    if quant not in ("fp32", "fp16", "int8", "int4"):
-        fail(f"unknown quantization {quant!r}; choose fp32, fp16, int8 or int4")
-    if quant == "fp16" and "pte" in formats:
-        fail("fp16 is available for --format onnx only (XNNPACK's fp16 kernels target ARM); use fp32, int8 or int4 for pte")
-    if backend not in ("xnnpack", "coreml"):
-        fail(f"unknown --backend {backend!r}; choose xnnpack or coreml")
-    if backend == "coreml" and "pte" not in formats:
-        fail("--backend coreml lowers the ExecuTorch program: add --format pte (or both)")
-    bundled = bundled_weights(size)
-    if checkpoint is None and not random_init and bundled is None:
-        how = SIZE_WEIGHTS_HELP.get(size, "the released checkpoint of this size (LLaMA2-Accessory format)")
-        fail(f"no weights for {size!r}: give --checkpoint DIR with {how}; or pass --random-init to export random "
-             "weights of the real shape, which is what latency and memory benchmarks need (answers will be noise)")
-    counts = parameter_counts(get_config(size))
-    need = counts["total"] * 4 * 1.1 / 2**30  # one fp32 copy per stage process (measured: tiny 13.4 GB)
-    free = _memory_gib()
-    if free is not None and need > 0.5 * free:
-        console.print(f"[yellow]warning:[/] exporting {size} needs about {need:.0f} GiB of memory; "
-                      f"{free:.0f} GiB is available")
+    try:
+        options = ExportOptions(quant=quant, formats=fmt.formats, vision_quant=vision_quant,
+                                embedding_quant=embedding_quant, group_size=group_size, verify=verify,
+                                eval_samples=eval_samples, delegate=delegate, max_seq_len=max_seq_len)
+    except ExportError as e:
+        fail(str(e))
+    from sphinx_edge.export.exporter import export_model
+    from sphinx_edge.export.source import choose_source, memory_warning
+    from sphinx_edge.tokenizer import Tokenizer
 
-    from sphinx_edge.export.exporter import ExportError, ExportOptions, ModelSource, export_model
-    from sphinx_edge.tokenizer import Tokenizer, TokenizerError
-
+    if warning := memory_warning(size):
+        console.print(f"[yellow]warning:[/] {warning}")
     with tempfile.TemporaryDirectory() as tmp:
-        if random_init:
-            source = ModelSource(size, seed=0)
-            tok_file = tokenizer or _stand_in_tokenizer(get_config(size).llm.vocab_size, Path(tmp))
-        else:
-            from sphinx_edge.checkpoints import tokenizer_path
-
-            checkpoint = checkpoint or bundled
-            source = ModelSource(size, checkpoint=str(checkpoint))
-            tok_file = tokenizer or tokenizer_path(checkpoint) or fail(f"{checkpoint} has no tokenizer.model; give --tokenizer")
-        try:
-            tok = Tokenizer(tok_file)
-        except TokenizerError as e:
-            fail(str(e))
+        source, tok_file = choose_source(size, checkpoint, random_init, tokenizer, Path(tmp))
+        tok = Tokenizer(tok_file)
         vocab_size = get_config(size).llm.vocab_size
         if tok.vocab_size > vocab_size:
             fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {vocab_size}")
-        options = ExportOptions(quant=quant, formats=formats, vision_quant=vision_quant, embedding_quant=embedding_quant,
-                                group_size=group_size, verify=verify, eval_samples=eval_samples, pte_backend=backend,
-                                max_seq_len=max_seq_len)
         started = time.perf_counter()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                       transient=True) as bar:
             task = bar.add_task("starting", total=None)
-            try:
-                # A source, not a model: each stage loads the weights in a process of its own, so
-                # that large sizes never hold two copies.
-                manifest = export_model(source, tok, out, options, overwrite=overwrite,
-                                        on_stage=lambda s: bar.update(task, description=s))
-            except (ExportError, ValueError) as e:
-                fail(str(e))
+            # A source, not a model: each stage loads the weights in a process of its own, so
+            # that large sizes never hold two copies.
+            manifest = export_model(source, tok, out, options, overwrite=overwrite,
+                                    on_stage=lambda s: bar.update(task, description=s))
     _print_export_summary(out, manifest, time.perf_counter() - started)
 
 
@@ -529,14 +477,15 @@ def run(
         help="A directory written by `sphinx-edge export` (default: the bundled SPHINX-Nano int4 ONNX export) "
              "and the question.")],
     image: Annotated[Optional[Path], typer.Option(help="Image to ask about.")] = None,
-    backend: Annotated[str, typer.Option(help="onnx (torch-free) or pte (ExecuTorch).")] = "onnx",
+    fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
+                                        "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the runtime's).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
 ) -> None:
-    """Answer one question with an exported model (no PyTorch on the onnx backend), with stage timings.
+    """Answer one question with an exported model (no PyTorch for onnx graphs), with stage timings.
     Example, right after `pip install sphinx-edge`: sphinx-edge run --image photo.png "What is in the picture?"
     """
     from sphinx_edge.runtime.pipeline import Pipeline
@@ -544,7 +493,7 @@ def run(
     export_dir, question = _export_and_question(args)
     if question is None:
         fail("give the question (quote it): sphinx-edge run [EXPORT_DIR] QUESTION")
-    pipeline = Pipeline(export_dir or NANO_EXPORT, backend, threads=threads)
+    pipeline = Pipeline(export_dir or NANO_EXPORT, fmt, threads=threads)
     answer = pipeline.answer(question, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
     console.print()
@@ -616,8 +565,8 @@ def web(
 @app.command()
 def bench(
     export_dirs: Annotated[list[Path], typer.Argument(help="Export directories (`sphinx-edge export`), e.g. one per "
-                                                      "quantization; each is benchmarked on every --backend it has.")],
-    backend: Annotated[list[str], typer.Option(help="torch (the PyTorch model the export came from, fp32), onnx, pte; "
+                                                      "quantization; each is benchmarked in every --format it has.")],
+    fmt: Annotated[list[str], typer.Option("--format", help="torch (the PyTorch model the export came from, fp32), onnx, pte; "
                                                "repeat the option for several.")] = ["torch", "onnx", "pte"],
     image: Annotated[Optional[list[Path]], typer.Option(help="Images to ask about (default: the bundled square, "
                                                         "2:1 and 1:3 samples); repeat for several.")] = None,
@@ -656,7 +605,7 @@ def bench(
                                                        "default: build/cpp-android).")] = None,
 ) -> None:
     """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
-    end to end), peak RSS and artifact sizes over exports x backends x images x skip tokens on/off;
+    end to end), peak RSS and artifact sizes over exports x formats x images x skip tokens on/off;
     print markdown tables, optionally save JSON and a PNG chart. Every runtime in a run, peers
     included, gets the same --threads; the count is in every row.
 
@@ -666,54 +615,23 @@ def bench(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sphinx_edge.benchmarks.bench import BACKENDS, BenchSpec, TargetUnavailable, check_target, run_matrix
+    from sphinx_edge.benchmarks.bench import SKIP_TOKENS, BenchSpec
     from sphinx_edge.benchmarks.report import OUTPUT_FORMATS, render, save_chart, save_json
-    from sphinx_edge.runtime.manifest import ManifestError, read_manifest
+    from sphinx_edge.benchmarks.targets import get_target
+    from sphinx_edge.runtime.manifest import read_manifest
 
-    from sphinx_edge.benchmarks.android import AndroidError, runner_files
-
-    try:
-        check_target(target)
-        if target == "android":
-            from sphinx_edge.benchmarks.bench import DEFAULT_ANDROID_RUNNER
-
-            runner_dir = runner_dir or DEFAULT_ANDROID_RUNNER
-            runner_files(runner_dir)
-    except (TargetUnavailable, AndroidError) as e:
-        fail(str(e))
-    for b in backend:
-        if b not in BACKENDS:
-            fail(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     if output not in OUTPUT_FORMATS:
         fail(f"--output: unknown format {output!r}; choose {', '.join(OUTPUT_FORMATS)}")
-    if llm_only and not pp and not tg:
-        fail("--llm-only times the LLM alone: give --pp and/or --tg above 0")
-    layouts = {"on": [None], "off": ["sphinx-1k"], "both": [None, "sphinx-1k"]}.get(skip_tokens)
-    if layouts is None:
-        fail(f"--skip-tokens is on, off or both, not {skip_tokens!r}")
-    images = image or [SAMPLES / n for n in ("square.png", "wide_2x1.png", "tall_1x3.png")]
-    for path in images:
-        if not path.is_file():
-            fail(f"no image at {path}")
-    n_cases = 0
-    for d in export_dirs:
-        try:
-            manifest = read_manifest(d)
-        except ManifestError as e:
-            fail(str(e))
-        n_cases += ("pte" in manifest["graphs"] if target == "android" else
-                    sum(b == "torch" or b in manifest["graphs"] for b in backend))
-    from sphinx_edge.benchmarks.peers import PEERS
-
-    for name in peer:
-        if name not in PEERS:
-            fail(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    if peer and not pp and not tg:
-        fail("--peer compares the LLM alone: give --pp and/or --tg above 0")
-    spec = BenchSpec(export_dirs=export_dirs, backends=list(backend), images=images, layouts=layouts, prompt=question,
+    if skip_tokens not in SKIP_TOKENS:
+        fail(f"--skip-tokens is {', '.join(SKIP_TOKENS)}, not {skip_tokens!r}")
+    spec = BenchSpec(export_dirs=export_dirs, backends=list(fmt), layouts=SKIP_TOKENS[skip_tokens], prompt=question,
+                     images=image or [SAMPLES / n for n in ("square.png", "wide_2x1.png", "tall_1x3.png")],
                      decode_tokens=decode_tokens, pp=pp, tg=tg, warmup=warmup, repeats=repeats, threads=threads,
                      llm_only=llm_only, bandwidth=bandwidth, peers=list(peer), peers_dir=peers_dir, target=target,
                      runner_dir=runner_dir)
+    where = get_target(target)
+    where.check(spec)
+    n_cases = where.count_cases(spec, [read_manifest(d) for d in export_dirs])
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("starting", total=n_cases + len(peer) + 2 * bandwidth)  # bandwidth: before and after
@@ -725,10 +643,7 @@ def bench(
             started[0] = True
             bar.update(task, description=name)
 
-        try:
-            result = run_matrix(spec, on_case)
-        except AndroidError as e:
-            fail(str(e))
+        result = where.run(spec, on_case)
     console.print(render(result, output), markup=False, highlight=False, soft_wrap=True)
     if json_out:
         save_json(result, json_out)
@@ -744,7 +659,8 @@ def bench(
 @app.command()
 def profile(
     export_dir: Annotated[Path, typer.Argument(help="An export directory (`sphinx-edge export`).")],
-    backend: Annotated[str, typer.Option(help="onnx (onnxruntime's profiler) or pte (ExecuTorch's ETDump).")] = "onnx",
+    fmt: Annotated[Format, typer.Option("--format", help="onnx (onnxruntime's profiler) or pte (ExecuTorch's "
+                                        "ETDump).")] = Format.ONNX,
     pp: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled once.")] = 512,
     tg: Annotated[int, typer.Option(min=1, help="Tokens decoded one at a time after the prompt.")] = 64,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: the "
@@ -754,21 +670,19 @@ def profile(
     """Where the LLM's time goes: one prefill and --tg decode steps under the runtime's own profiler,
     as a table of operators with their time per prefill and per decoded token and their share.
 
-    Example: sphinx-edge profile exports/tiny-int4 --backend pte -t 2
+    Example: sphinx-edge profile exports/tiny-int4 --format pte -t 2
     """
-    from sphinx_edge.benchmarks.profile import READERS, markdown, profile_llm
+    from sphinx_edge.benchmarks.profile import markdown, profile_llm
     from sphinx_edge.benchmarks.report import save_json
     from sphinx_edge.runtime.manifest import ManifestError, read_manifest
 
-    if backend not in READERS:
-        fail(f"unknown backend {backend!r}; choose from {', '.join(READERS)}")
     try:
-        if backend not in read_manifest(export_dir)["graphs"]:
-            fail(f"{export_dir} has no {backend} graphs")
+        if fmt not in read_manifest(export_dir)["graphs"]:
+            fail(f"{export_dir} has no {fmt} graphs")
     except ManifestError as e:
         fail(str(e))
-    with console.status(f"profiling {backend}: prefill {pp} tokens, decode {tg}"):
-        result = profile_llm(export_dir, backend, pp=pp, tg=tg, threads=threads)
+    with console.status(f"profiling {fmt}: prefill {pp} tokens, decode {tg}"):
+        result = profile_llm(export_dir, fmt, pp=pp, tg=tg, threads=threads)
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     if json_out:
         save_json(result, json_out)
@@ -914,16 +828,16 @@ def demo(
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per benchmark row.")] = 3,
 ) -> None:
     """The main job on the bundled default: export SPHINX-Nano to int4 (ONNX and ExecuTorch), answer a
-    question about a bundled image with both backends, and print the per-stage latency table."""
+    question about a bundled image with both formats, and print the per-stage latency table."""
     if bundled_weights("nano") is None:
         fail("the bundled SPHINX-Nano weights are missing (sphinx_edge/weights/nano); `make nano` trains them")
     console.rule("1. export SPHINX-Nano, int4, ONNX + ExecuTorch")
-    export_cmd(size="nano", out=out, quant="int4", fmt="both", overwrite=True)
+    export_cmd(size="nano", out=out, quant=Quant.INT4, fmt=ExportFormat.BOTH, overwrite=True)
     for name in ("onnx", "pte"):
         console.rule(f"2. {name}: {DEMO_QUESTION} ({DEMO_IMAGE.name})")
-        run([str(out), DEMO_QUESTION], image=DEMO_IMAGE, backend=name, max_new_tokens=16)
+        run([str(out), DEMO_QUESTION], image=DEMO_IMAGE, fmt=name, max_new_tokens=16)
     console.rule("3. latency by stage (this machine)")
-    bench([out], backend=["onnx", "pte"], image=[DEMO_IMAGE], skip_tokens="both", pp=256, tg=64, repeats=repeats,
+    bench([out], fmt=["onnx", "pte"], image=[DEMO_IMAGE], skip_tokens="both", pp=256, tg=64, repeats=repeats,
           bandwidth=False)
 
 

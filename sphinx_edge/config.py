@@ -1,6 +1,6 @@
 """Size registry: every SPHINX-X size and the small test sizes.
 
-All model facts live here (docs/design.md states the rules that use them), so that a correction is a one-line change.
+All model facts live here (docs/ARCHITECTURE.md states the rules that use them), so that a correction is a one-line change.
 Torch-free: the runtime reads configs from export manifests through `SphinxConfig.from_dict`.
 """
 

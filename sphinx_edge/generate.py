@@ -11,7 +11,7 @@ import torch
 from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, image_segments, preprocess
 from sphinx_edge.model.sphinx import SphinxModel
-from sphinx_edge.prompt import ContextOverflowError, format_prompt
+from sphinx_edge.prompt import ContextOverflowError, answer_room, format_prompt, turns_to_drop
 from sphinx_edge.tokenizer import Tokenizer
 
 
@@ -79,3 +79,26 @@ def generate(
     finally:
         llm.clear_caches()
     return Generation(stream.text, stream.ids, prompt_len, image_tokens, stop_reason)
+
+
+class TorchChat:
+    """A multi-turn conversation about one image with the PyTorch model. Each turn re-runs the
+    conversation (no cache between turns: this is the reference path); when it outgrows the context
+    its oldest turns are dropped, the image stays."""
+
+    def __init__(self, model: SphinxModel, tokenizer: Tokenizer, image: ImageSource | None = None) -> None:
+        self.model, self.tokenizer, self.image = model, tokenizer, image
+        self.turns: list[tuple[str, str | None]] = []
+        self._image_tokens = 0  # known after the first answer
+
+    def ask(self, question: str, *, max_new_tokens: int = 256, **sampling) -> tuple[Generation, int]:
+        """The answer, and how many of the oldest turns were dropped to make room for it."""
+        context = self.model.config.llm.max_seq_len
+        length = lambda turns: self._image_tokens + len(self.tokenizer.encode(format_prompt(turns), bos=True))  # noqa: E731
+        dropped = turns_to_drop(self.turns, question, length, context - answer_room(max_new_tokens, context))
+        del self.turns[:dropped]
+        out = generate(self.model, self.tokenizer, [*self.turns, (question, None)], self.image,
+                       max_new_tokens=max_new_tokens, **sampling)
+        self.turns.append((question, out.text.strip()))
+        self._image_tokens = out.image_tokens
+        return out, dropped

@@ -1,4 +1,4 @@
-"""Image loading, tiling, views and the image token layout of SPHINX-X (docs/design.md, section 1).
+"""Image loading, tiling, views and the image token layout of SPHINX-X (docs/ARCHITECTURE.md, section 1).
 
 TORCH-FREE on purpose: the model (training, export) and the torch-free runtime both import this
 module, so that both cut an image into views the same way. Only numpy, pillow and the standard
@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import LAYOUTS
-from .prompt import STOP_STRINGS, SYSTEM_PROMPT, VQA_SUFFIX, conversation_pieces, format_prompt  # noqa: F401
 
 PAD_RGB = (122, 116, 104)  # int(255 * CLIP mean), as LLaMA2-Accessory pads: normalises to ~0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -12,6 +12,7 @@ that the `finally` / `except BaseException` clean-ups that Ctrl-C runs also run 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -106,3 +107,23 @@ def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
     if not ok:
         raise value
     return value
+
+
+@contextlib.contextmanager
+def native_output_silenced():
+    """Discards what native code writes to stdout and stderr inside the block (ExecuTorch's
+    threadpool logs its CPU probing there, line by line, on every start); Python's own output is
+    flushed first and is unaffected after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)

@@ -1,4 +1,4 @@
-"""The conv_v1_2 prompt template of LLaMA2-Accessory (docs/design.md, section 2). Torch-free.
+"""The conv_v1_2 prompt template of LLaMA2-Accessory (docs/ARCHITECTURE.md, section 2). Torch-free.
 
 The text is the "SINGLE" separator style:
 

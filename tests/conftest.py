@@ -105,16 +105,24 @@ def pte_export(tmp_path_factory, tokenizer_file):
 
 @pytest.fixture(scope="session")
 def nano_int4_pte(tmp_path_factory):
-    """Export dir: the bundled SPHINX-Nano as an int4 ExecuTorch program (what ships to devices)."""
+    """Export dir: the bundled SPHINX-Nano as an int4 ExecuTorch program (what ships to devices). Made
+    once per test run, whichever pytest-xdist worker asks first (a few minutes on 2 cores)."""
+    from filelock import FileLock
+
     from sphinx_edge.checkpoints import load_model
     from sphinx_edge.bundled import WEIGHTS
     from sphinx_edge.export.exporter import ExportOptions, export_model
     from sphinx_edge.tokenizer import Tokenizer
 
-    nano = WEIGHTS / "nano"
-    out = tmp_path_factory.mktemp("export") / "nano-int4-pte"
-    export_model(lambda: load_model(nano, "nano").eval(), Tokenizer(nano / "tokenizer.model"), out,
-                 ExportOptions(quant="int4", formats=("pte",), verify=False), source={"checkpoint": str(nano)})
+    nano, shared = WEIGHTS / "nano", tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # this run's folder, common to its workers
+    out = shared / "nano-int4-pte"
+    with FileLock(str(shared / "nano-int4-pte.lock")):
+        if not (out / "manifest.json").is_file():
+            export_model(lambda: load_model(nano, "nano").eval(), Tokenizer(nano / "tokenizer.model"), out,
+                         ExportOptions(quant="int4", formats=("pte",), verify=False), source={"bundled": "nano"},
+                         overwrite=True)
     return out
 
 
@@ -165,3 +173,25 @@ def browser_tools() -> str:
     if not os.access(CHROMIUM, os.X_OK):
         missing_tool(f"chromium not installed at {CHROMIUM}: {INSTALL} (or set CHROMIUM)")
     return node
+
+
+def ask_in_browser(node: str, site, cases: list[dict], workdir, max_new_tokens: int):
+    """Serves `site` on localhost and drives its page in headless Chromium (runtime/web/test/e2e.mjs)
+    through `cases` ({"image", "question"}); the finished process, one JSON line per case."""
+    import json
+    import subprocess
+    import threading
+
+    from sphinx_edge.runtime.web_bundle import make_server
+
+    (workdir / "cases.json").write_text(json.dumps(cases))
+    server = make_server(site, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        return subprocess.run([node, "test/e2e.mjs", url, str(workdir / "cases.json")], cwd=WEB_DIR,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "CHROMIUM": CHROMIUM, "MAX_NEW_TOKENS": str(max_new_tokens)})
+    finally:
+        server.shutdown()
+        server.server_close()

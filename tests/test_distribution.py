@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from sphinx_edge import __version__
 from sphinx_edge.bundled import NANO_EXPORT, SAMPLES
-from conftest import CHROMIUM
+from conftest import ask_in_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchao", "executorch", "transformers", "safetensors", "onnx", "onnxscript")
@@ -92,26 +91,20 @@ def test_a_fresh_install_answers_from_the_bundled_export_without_torch(venv):
     want = Pipeline(NANO_EXPORT).answer(QUESTION, IMAGE, max_new_tokens=8)
     assert want.text.strip() and result.stdout.splitlines()[0].strip() == want.text.strip()
 
+    bench = _cli(venv, "bench", NANO_EXPORT, "--format", "onnx", "--llm-only", "--pp", "16", "--tg", "4", "-r", "1",
+                 "--warmup", "0", "-t", "1", "--no-bandwidth", "-o", "json")
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
+    (case,) = json.loads(bench.stdout)["cases"]
+    assert case["backend"] == "onnx" and case["llm"]["tg_tok_s"]["mean"] > 0
+
 
 def test_a_fresh_install_builds_a_working_web_site(venv, tmp_path, browser_tools):
     from sphinx_edge.runtime.pipeline import Pipeline
-    from sphinx_edge.runtime.web_bundle import WEB_DIR, make_server
 
     result = _cli(venv, "web", "--out", tmp_path / "site", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    site = tmp_path / "site"
-    (tmp_path / "cases.json").write_text(json.dumps([{"image": str(IMAGE), "question": QUESTION}]))
-    server = make_server(site, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        page = subprocess.run([browser_tools, "test/e2e.mjs", url, str(tmp_path / "cases.json")], cwd=WEB_DIR,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "CHROMIUM": CHROMIUM,
-                                   "MAX_NEW_TOKENS": "8"})
-    finally:
-        server.shutdown()
-        server.server_close()
+    page = ask_in_browser(browser_tools, tmp_path / "site", [{"image": str(IMAGE), "question": QUESTION}], tmp_path,
+                          max_new_tokens=8)
     assert page.returncode == 0, page.stdout[-3000:] + page.stderr[-3000:]
     (answer,) = [json.loads(line) for line in page.stdout.splitlines() if line.startswith("{")]
     want = Pipeline(NANO_EXPORT).answer(QUESTION, IMAGE, max_new_tokens=8)

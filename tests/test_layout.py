@@ -39,20 +39,6 @@ def test_layout_is_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_constants():
-    assert PAD_RGB == (122, 116, 104)
-    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
-    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
-    assert IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert IMAGENET_STD == (0.229, 0.224, 0.225)
-    # PAD_RGB is the CLIP mean in 8 bits, truncated (int(m * 255)) as LLaMA2-Accessory does.
-    assert PAD_RGB == tuple(int(m * 255) for m in CLIP_MEAN)
-
-
-# ---------------------------------------------------------------------------------------------
-# Geometry: exact numbers
-
-
 def test_sphinx_1k_always_five_views():
     for w, h in [(1024, 1024), (640, 480), (1, 10000), (3000, 17)]:
         plan = plan_tiles(w, h, layout="sphinx-1k")
@@ -125,13 +111,6 @@ def test_fit_size_extremes():
 def test_plan_tiles_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_tiles(**kwargs)
-
-
-def test_plan_is_frozen_and_hashable():
-    plan = plan_tiles(10, 20, layout="sphinx-x")
-    with pytest.raises(AttributeError):
-        plan.grid = 3
-    assert hash(plan) == hash(plan_tiles(10, 20, layout="sphinx-x"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +397,7 @@ def test_make_views_order_is_global_then_row_major():
 
 def test_dinov2_renormalisation_on_pad_colour():
     # A PAD_RGB image: CLIP-normalised ~0, and DINOv2 gets (pixel/255 - in_mean) / in_std.
+    assert PAD_RGB == tuple(int(m * 255) for m in CLIP_MEAN)  # truncated, as LLaMA2-Accessory pads
     plan = plan_tiles(50, 20, layout="sphinx-x", tile_size=64, dino_size=28)
     convnext, dinov2 = make_views(Image.new("RGB", (50, 20), PAD_RGB), plan)
     assert plan.n_views == 3

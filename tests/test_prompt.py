@@ -1,6 +1,5 @@
 import pytest
 
-from sphinx_edge import layout
 from sphinx_edge.prompt import (
     STOP_STRINGS,
     SYSTEM_PROMPT,
@@ -66,11 +65,6 @@ def test_invalid_turns():
         format_prompt([])
     with pytest.raises(ValueError, match="only the last"):
         conversation_pieces([("q1", None), ("q2", "a2")])
-
-
-def test_reexported_from_layout():
-    assert layout.format_prompt is format_prompt
-    assert layout.SYSTEM_PROMPT == SYSTEM
 
 
 # --- arbitrary unicode (hypothesis) ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Image -> packed views, exactly as sphinx_edge/layout.py does it (docs/design.md, section 1).
+// Image -> packed views, exactly as sphinx_edge/layout.py does it (docs/ARCHITECTURE.md, section 1).
 //
 //   RGB pixels --planTiles--> plan --makeCanvas--> canvas (Pillow bicubic, uint8)
 //     --normalize--> CLIP float32 [3, S, S] --makeViews--> ConvNeXt + DINOv2 views --packViews-->

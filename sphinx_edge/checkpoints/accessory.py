@@ -1,4 +1,5 @@
-"""Released SPHINX directories (LLaMA2-Accessory format): read, merging tensor-parallel shards; write.
+"""Released SPHINX directories (LLaMA2-Accessory format, docs/ARCHITECTURE.md section 3): read, merging
+tensor-parallel shards; write.
 
 A directory holds `meta.json` ({"llama_type": ...}), `config.json` (model args),
 `tokenizer.model` and `consolidated.{rank:02d}-of-{mp:02d}.model.pth` files of `{"model": state}`

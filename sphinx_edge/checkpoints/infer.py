@@ -6,7 +6,7 @@ depths, DINOv2's patch size, FFN kind and stored position grid, and the layout (
 exists only in SPHINX-X models). What shapes cannot give comes from a registered size with the same
 shapes, else from the released models' values: the view sides (ConvNeXt 512 px, DINOv2 224 px) and
 DINOv2's head count (64-wide heads, as every released DINOv2 ViT has). docs/ARCHITECTURE.md,
-"Checkpoints", lists the rules.
+section 3, lists the rules.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from sphinx_edge.io import atomic_path, write_text_atomic
 
 FORMAT = "sphinx-edge"
 VERSION = 1
-TOKENIZER_FILES = ("tokenizer.model",)
 
 
 def is_native_dir(path: str | os.PathLike) -> bool:

@@ -4,7 +4,7 @@ A view is encoded by both experts (CLIP-ConvNeXt on a tile_size view, DINOv2 on 
 their tokens concatenated along channels (ConvNeXt first), projected by `visual_proj`
 (Linear -> LayerNorm) and wrapped by the learnable `start_img` / `end_img` embeddings. In the
 sphinx-x layout a fully padded tile is not encoded; one learnable `skip` embedding stands in its
-place. The image tokens follow BOS; text follows them (docs/design.md, sections 1 and 2).
+place. The image tokens follow BOS; text follows them (docs/ARCHITECTURE.md, sections 1 and 2).
 """
 
 from __future__ import annotations

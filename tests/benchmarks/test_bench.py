@@ -1,12 +1,14 @@
 """The benchmark: the matrix runs every case in its own process and reports what it measured."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sphinx_edge.benchmarks import bench
-from sphinx_edge.benchmarks.bench import BenchSpec, TargetUnavailable, check_target, decode_weight_bytes, run_matrix
+from sphinx_edge.benchmarks import bench, targets
+from sphinx_edge.benchmarks.bench import BenchError, BenchSpec, decode_weight_bytes, run_matrix
+from sphinx_edge.benchmarks.targets import TargetUnavailable, get_target
 from sphinx_edge.benchmarks.report import markdown, save_chart, save_json
 from sphinx_edge.benchmarks.stages import time_llm
 from sphinx_edge.benchmarks.torch_backend import TorchBackend
@@ -92,15 +94,30 @@ def test_decode_weight_bytes_counts_the_llm_linears(model_factory):
 
 
 def test_targets_without_their_hardware_say_so(monkeypatch):
-    check_target("local")
-    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    spec = BenchSpec([], ["onnx"], [SQUARE], [None])
+    get_target("local").check(spec)
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
     with pytest.raises(TargetUnavailable, match="adb was not found"):
-        check_target("android")
-    monkeypatch.setattr(bench.sys, "platform", "linux")
+        get_target("android").check(spec)
+    monkeypatch.setattr(targets.sys, "platform", "linux")
     with pytest.raises(TargetUnavailable, match="Apple silicon"):
-        check_target("apple")
+        get_target("apple").check(spec)
     with pytest.raises(TargetUnavailable, match="unknown target"):
-        check_target("watch")
+        get_target("watch")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backends=["tflite"]), "unknown --format or --peer 'tflite'"),
+    (dict(peers=["mlc"]), "'mlc'"),
+    (dict(llm_only=True, pp=0, tg=0), "--llm-only times the LLM alone"),
+    (dict(peers=["llama.cpp-Q4_0"], pp=0, tg=0), "--peer times the LLM alone"),
+    (dict(images=[Path("nowhere.png")]), "no image at nowhere.png"),
+])
+def test_a_spec_that_cannot_run_is_refused_before_anything_runs(kwargs, message):
+    args = {"export_dirs": [], "backends": ["onnx"], "images": [SQUARE], "layouts": [None], **kwargs}
+    with pytest.raises(BenchError) as e:
+        BenchSpec(**args)
+    assert message in str(e.value)
 
 
 def test_peak_rss_is_the_child_process_own(tmp_path):
@@ -138,7 +155,7 @@ def test_llm_only_with_peers_records_one_thread_count_in_every_row(nano_int4_pte
 
         if importlib.util.find_spec(module) is None:
             missing_tool(f"{module} is not installed (pip install -e '.[peers]', or make deps)")
-    code, out = run("bench", nano_int4_pte, "--backend", "pte", "--llm-only", "-t", "1", "-r", "2", "--warmup", "0",
+    code, out = run("bench", nano_int4_pte, "--format", "pte", "--llm-only", "-t", "1", "-r", "2", "--warmup", "0",
                     "--pp", "16", "--tg", "4", "--peer", "llama.cpp-Q4_0", "--peer", "ort-genai-int4",
                     "--peers-dir", tmp_path / "peers", "--no-bandwidth", "--json", tmp_path / "b.json", "-o", "jsonl")
     assert code == 0, out

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.checkpoints import CheckpointError, load_model
 from sphinx_edge.checkpoints.accessory import write_accessory
 from sphinx_edge.config import ConvNeXtConfig, DINOv2Config, LLMConfig, SphinxConfig
@@ -78,9 +79,9 @@ def test_a_registered_shape_loads_as_that_size(model_factory, tokenizer, tmp_pat
 
 def test_tiles_take_the_layout_from_the_model(released):
     path, _ = released
-    code, out = run("tiles", Path(__file__).parents[2] / "sphinx_edge/assets/wide_2x1.png", "--checkpoint", path)
+    code, out = run("tiles", SAMPLES / "wide_2x1.png", "--checkpoint", path)
     assert code == 0 and "sphinx-1k" in out, out
-    code, out = run("tiles", Path(__file__).parents[2] / "sphinx_edge/assets/wide_2x1.png", "--size", "tiny")
+    code, out = run("tiles", SAMPLES / "wide_2x1.png", "--size", "tiny")
     assert code == 0 and "sphinx-x" in out
 
 

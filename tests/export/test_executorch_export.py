@@ -69,7 +69,7 @@ def test_export_from_a_loader_frees_and_reloads_the_model(tokenizer_file, tmp_pa
 
 
 def test_coreml_backend_delegates_the_vision_encoder_and_says_where_it_runs(tokenizer_file, tmp_path):
-    """--backend coreml: the vision method is one Core ML delegate (compiled on the Apple device),
+    """--delegate coreml: the vision method is one Core ML delegate (compiled on the Apple device),
     the decoder XNNPACK; off Apple devices the export is not run, and says why."""
     import sys
 
@@ -82,9 +82,9 @@ def test_coreml_backend_delegates_the_vision_encoder_and_says_where_it_runs(toke
     from sphinx_edge.tokenizer import Tokenizer
 
     model = build_model(get_config("test-tiny"), seed=0).eval()
-    options = ExportOptions(quant="int4", formats=("pte",), pte_backend="coreml")
+    options = ExportOptions(quant="int4", formats=("pte",), delegate="coreml")
     manifest = export_model(model, Tokenizer(tokenizer_file), tmp_path / "c", options)
-    assert manifest["graphs"]["pte"]["program"]["backend"] == "coreml"
+    assert manifest["graphs"]["pte"]["program"]["delegate"] == "coreml"
     program = deserialize_pte_binary((tmp_path / "c" / "program.pte").read_bytes())
     delegates = {plan.name: {d.id for d in plan.delegates} for plan in getattr(program, "program", program).execution_plan}
     assert delegates["vision_encoder"] == {"CoreMLBackend"}

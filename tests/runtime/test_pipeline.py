@@ -23,8 +23,29 @@ def test_greedy_answer_matches_torch(backend, onnx_export, pte_export, tokenizer
     model, out, _ = onnx_export if backend == "onnx" else pte_export
     want = generate(model, Tokenizer(tokenizer_file), "Describe the picture.", image, max_new_tokens=12)
     got = Pipeline(out, backend).answer("Describe the picture.", image, max_new_tokens=12)
+    assert want.token_ids, "the reference answered nothing: the comparison would be empty"
     assert got.token_ids == want.token_ids and got.text == want.text
     assert got.prompt_len == want.prompt_len and got.image_tokens == want.image_tokens
+
+
+def test_pte_path_loads_only_executorchs_runtime(pte_export, image):
+    """The pte backend answers without ExecuTorch's compiler stack (exir, torch._dynamo: seconds of
+    imports) and without the threadpool's CPU-probing lines on the console."""
+    import subprocess
+    import sys
+
+    _, out, _ = pte_export
+    script = f"""
+import sys
+from sphinx_edge.runtime.pipeline import Pipeline
+answer = Pipeline({str(out)!r}, "pte", threads=2).answer("Describe the picture.", {str(image)!r}, max_new_tokens=4)
+heavy = [m for m in ("torch._dynamo", "torch._inductor", "executorch.exir.capture", "executorch.exir") if m in sys.modules]
+print(len(answer.token_ids), heavy)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split(maxsplit=1)[1].strip() == "[]", result.stdout
+    assert "cpuinfo" not in result.stderr + result.stdout and "threadpool" not in result.stderr + result.stdout
 
 
 def test_onnx_path_runs_without_torch(onnx_export, image):

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from sphinx_edge.bundled import NANO_EXPORT
 from sphinx_edge.runtime.web_bundle import WEB_DIR, WebBundleError, build_site, make_server, tokenizer_json
-from conftest import CHROMIUM, need_node, need_npm_packages
+from conftest import ask_in_browser, need_node
 from web_vectors import bundled_tokenizer, write_tiling_vectors, write_tokenizer_vectors
 
 def _node_test(files: list[str], vectors: Path) -> str:
@@ -115,15 +114,11 @@ def test_server_sends_wasm_type_and_isolation_headers(tmp_path):
 # (c) end to end in headless Chromium
 
 
-@pytest.fixture(scope="session")
-def nano_int4_export(tmp_path_factory) -> Path:
-    """The bundled SPHINX-Nano exported to int4 ONNX (~20 s; verification skipped: the export tests do it)."""
-    out = tmp_path_factory.mktemp("web_export") / "nano-int4"
-    cmd = [sys.executable, "-m", "sphinx_edge.cli", "export", "--size", "nano", "--quant", "int4",
-           "--format", "onnx", "--no-verify", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+@pytest.fixture(scope="module")
+def nano_int4_export() -> Path:
+    """The bundled SPHINX-Nano int4 ONNX export (what `sphinx-edge web` serves by default; its staleness
+    and its answers are checked in tests/test_bundled_nano.py)."""
+    return NANO_EXPORT
 
 
 def _held_out_cases(export: Path, workdir: Path, n: int = 16) -> list[dict]:
@@ -188,18 +183,8 @@ def test_browser_answers_like_python(browser_tools, nano_int4_export, tmp_path):
     cases = _held_out_cases(nano_int4_export, tmp_path)
     decode_only = _decode_cases(tmp_path)
     site = build_site(nano_int4_export, tmp_path / "site")
-    (tmp_path / "cases.json").write_text(json.dumps(
-        [{"image": c["image"], "question": c["question"]} for c in cases] + [{"image": str(p)} for p in decode_only]))
-    server = make_server(site, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        result = subprocess.run([node, "test/e2e.mjs", url, str(tmp_path / "cases.json")], cwd=WEB_DIR,
-                                capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "CHROMIUM": CHROMIUM, "MAX_NEW_TOKENS": "16"})
-    finally:
-        server.shutdown()
-        server.server_close()
+    result = ask_in_browser(node, site, [{"image": c["image"], "question": c["question"]} for c in cases]
+                            + [{"image": str(p)} for p in decode_only], tmp_path, max_new_tokens=16)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pages = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(pages) == len(cases) + len(decode_only), result.stdout[-3000:]

@@ -1,0 +1,109 @@
+"""Where an export's weights and tokenizer come from: the bundled weights of a size, a checkpoint
+(a directory or hf://), or random weights of the real shape with a small stand-in tokenizer (latency
+and memory work). Torch-free until a source is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sphinx_edge.bundled import bundled_weights
+from sphinx_edge.config import get_config, parameter_counts
+from sphinx_edge.export.options import ExportError
+from sphinx_edge.runtime.manifest import sha256
+
+# Where to find each size's weights, said when none are given.
+WEIGHTS_HELP = {
+    "tiny": "SPHINX-Tiny's released weights (LLaMA2-Accessory format, Alpha-VLLM/SPHINX on Hugging Face: "
+            "the SPHINX-Tiny folder) or parts assembled with `sphinx-edge assemble`",
+}
+STAND_IN_VOCAB = 1024
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an export's weights come from: a checkpoint directory, or random weights of `size`
+    (seeded). Picklable, so that each stage can load the model in a process of its own."""
+
+    size: str
+    checkpoint: str | None = None
+    seed: int = 0
+
+    def load(self):  # -> SphinxModel
+        if self.checkpoint:
+            from sphinx_edge.checkpoints import load_model
+
+            return load_model(self.checkpoint, self.size).eval()  # refuses a checkpoint of another size
+        from sphinx_edge.config import get_config
+        from sphinx_edge.model.sphinx import build_model
+
+        return build_model(get_config(self.size), seed=self.seed).eval()
+
+    def entry(self) -> dict:
+        """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference. Weights that
+        ship with the package are named by size, not by a path that only holds on the exporting machine."""
+        if not self.checkpoint:
+            return {"random_init": True, "seed": self.seed}
+        folder = Path(self.checkpoint).resolve()
+        if folder == bundled_weights(self.size):
+            return {"bundled": self.size, "weights": _weights_digest(folder)}
+        return {"checkpoint": str(folder)}
+
+
+def _weights_digest(folder: Path) -> dict[str, str]:
+    """sha256 of each weight file of a checkpoint folder: tells whether an export is stale."""
+    return {f.name: sha256(f) for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".pth", ".bin")}
+
+
+def choose_source(size: str, checkpoint: str | Path | None, random_init: bool, tokenizer: Path | None,
+                  workdir: Path) -> tuple[ModelSource, Path]:
+    """The weights and the tokenizer.model of an export. Default: the bundled weights of `size`."""
+    if random_init:
+        return ModelSource(size, seed=0), tokenizer or stand_in_tokenizer(get_config(size).llm.vocab_size, workdir)
+    from sphinx_edge.checkpoints import tokenizer_path
+
+    checkpoint = checkpoint or bundled_weights(size)
+    if checkpoint is None:
+        how = WEIGHTS_HELP.get(size, "the released checkpoint of this size (LLaMA2-Accessory format)")
+        raise ExportError(f"no weights for {size!r}: give --checkpoint DIR with {how}; or pass --random-init to "
+                          "export random weights of the real shape, which is what latency and memory benchmarks "
+                          "need (answers will be noise)")
+    found = tokenizer or tokenizer_path(checkpoint)
+    if found is None:
+        raise ExportError(f"{checkpoint} has no tokenizer.model; give --tokenizer")
+    return ModelSource(size, checkpoint=str(checkpoint)), found
+
+
+def stand_in_tokenizer(vocab_size: int, workdir: Path) -> Path:
+    """A small byte-fallback tokenizer for random-weight exports (latency work needs token ids, not meaning)."""
+    from sphinx_edge.prompt import format_prompt
+    from sphinx_edge.train.synthetic import QUESTIONS
+    from sphinx_edge.train.tokenizer import train_tokenizer
+
+    size = min(vocab_size, STAND_IN_VOCAB)
+    if size < 300:
+        raise ExportError(f"the model's vocabulary ({vocab_size}) is too small for a stand-in tokenizer; "
+                          "give --tokenizer FILE")
+    texts = [format_prompt([(q, "yes")]) for q in QUESTIONS.values()] * 50
+    return train_tokenizer(texts, workdir / "tokenizer.model", size)
+
+
+def memory_warning(size: str) -> str | None:
+    """A warning when exporting `size` needs more than half the available memory: each stage process
+    holds one fp32 copy of the weights (measured: SPHINX-Tiny 13.4 GB)."""
+    need = parameter_counts(get_config(size))["total"] * 4 * 1.1 / 2**30
+    free = _available_gib()
+    if free is not None and need > 0.5 * free:
+        return f"exporting {size} needs about {need:.0f} GiB of memory; {free:.0f} GiB is available"
+    return None
+
+
+def _available_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
