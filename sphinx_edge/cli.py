@@ -224,6 +224,10 @@ def chat(
     fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
                                         "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With EXPORT_DIR: CPU threads.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Also keep encoded images here, across runs (a new "
+                                                      "question about a cached image skips the vision encoder); "
+                                                      "bounded by --cache-mb, least recently used go first.")] = None,
+    cache_mb: Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")] = 512,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
@@ -248,7 +252,8 @@ def chat(
     if export_dir is not None:
         from sphinx_edge.runtime.pipeline import Chat, Pipeline
 
-        conversation = Chat(Pipeline(export_dir, fmt, threads=threads), image)
+        conversation = Chat(Pipeline(export_dir, fmt, threads=threads, cache_dir=cache_dir,
+                                     cache_bytes=cache_mb * 2**20), image)
 
         def ask(q: str) -> None:
             start = time.perf_counter()
@@ -480,6 +485,10 @@ def run(
     fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
                                         "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the runtime's).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Also keep encoded images here, across runs (a new "
+                                                      "question about a cached image skips the vision encoder); "
+                                                      "bounded by --cache-mb, least recently used go first.")] = None,
+    cache_mb: Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")] = 512,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -493,12 +502,14 @@ def run(
     export_dir, question = _export_and_question(args)
     if question is None:
         fail("give the question (quote it): sphinx-edge run [EXPORT_DIR] QUESTION")
-    pipeline = Pipeline(export_dir or NANO_EXPORT, fmt, threads=threads)
+    pipeline = Pipeline(export_dir or NANO_EXPORT, fmt, threads=threads, cache_dir=cache_dir,
+                        cache_bytes=cache_mb * 2**20)
     answer = pipeline.answer(question, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
     console.print()
     t = answer.timings
-    parts = [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "decode") if k in t]
+    parts = ["image from the cache"] if t.get("image_cached") else []
+    parts += [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "decode") if k in t]
     console.print(f"[dim]{answer.prompt_len} prompt tokens ({answer.image_tokens} image), {len(answer.token_ids)} "
                   f"generated, stop: {answer.stop_reason}; " + ", ".join(parts) + "[/]")
 
