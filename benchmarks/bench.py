@@ -1,4 +1,5 @@
-"""The benchmark matrix: export directories (one per quantization) x backends x images x layouts.
+"""The benchmark matrix: export directories (one per quantization) x backends x images x layouts x
+view budgets.
 
 Each (export, backend) pair runs in a fresh process (`benchmarks.case`), one after the other, so
 peak memory is measured per case and no case warms another's caches. Targets other than this
@@ -42,6 +43,8 @@ class BenchSpec:
     backends: list[str]
     images: list[Path]
     layouts: list[str | None]  # None = the model's own
+    view_budgets: list[int | None] = field(default_factory=lambda: [None])  # `--max-views`; None: every view
+    pipelined: bool = False  # the next view encoded while the last one prefills
     prompt: str = "What is in the image?"
     decode_tokens: int = 32
     pp: int = 512
@@ -66,6 +69,8 @@ class BenchSpec:
         if (self.llm_only or self.peers) and not self.pp and not self.tg:
             raise BenchError(f"{'--llm-only' if self.llm_only else '--peer'} times the LLM alone: give --pp and/or "
                              "--tg above 0")
+        if any(b is not None and b < 1 for b in self.view_budgets):
+            raise BenchError(f"--max-views counts the global view: at least 1, got {self.view_budgets}")
         missing = [str(p) for p in self.images if not Path(p).is_file()]
         if missing:
             raise BenchError(f"no image at {', '.join(missing)}")
@@ -94,7 +99,7 @@ def _run_module(module: str, spec: dict, what: str) -> dict:
 
 def run_in_subprocess(spec: BenchSpec, export_dir: Path, backend: str) -> dict:
     case = {"export_dir": str(export_dir), "backend": backend, "images": [str(p) for p in spec.images],
-            "layouts": spec.layouts, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
+            "layouts": spec.layouts, "view_budgets": spec.view_budgets, "pipelined": spec.pipelined, "prompt": spec.prompt, "decode_tokens": spec.decode_tokens, "pp": spec.pp,
             "tg": spec.tg, "warmup": spec.warmup, "repeats": spec.repeats, "threads": spec.threads,
             "llm_only": spec.llm_only}
     return _run_module("sphinx_edge.benchmarks.case", case, f"{backend} on {export_dir}")

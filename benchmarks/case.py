@@ -2,8 +2,11 @@
 peak RSS is its own: `python -m sphinx_edge.benchmarks.case SPEC_JSON` prints a JSON result.
 
 SPEC_JSON: {"export_dir", "backend" (onnx | pte | torch), "images": [paths], "layouts": [names or
-null], "prompt", "decode_tokens", "pp", "tg", "warmup", "repeats", "threads", "llm_only"}. With
-"llm_only" the image stages are skipped and only pp / tg run (all `repeats` of them).
+null], "view_budgets": [max views or null], "pipelined", "prompt", "decode_tokens", "pp", "tg",
+"warmup", "repeats", "threads", "llm_only"}. With "llm_only" the image stages are skipped and only
+pp / tg run (all `repeats` of them). Peak RSS is reported for the whole case and per stage (load,
+vision, prefill, decode; per stage where the system lets a process reset its peak, and not with
+"pipelined", whose stages overlap).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from sphinx_edge.benchmarks.stages import time_image, time_llm
-from sphinx_edge.benchmarks.system import peak_rss_mib
+from sphinx_edge.benchmarks.stages import MeteredBackend, time_image, time_llm
+from sphinx_edge.benchmarks.system import StagePeaks
 from sphinx_edge.runtime.manifest import graph_files, read_manifest
 from sphinx_edge.runtime.pipeline import Pipeline
 
@@ -40,19 +43,28 @@ def open_pipeline(export_dir: Path, backend: str, threads: int | None) -> Pipeli
 
 def run_case(spec: dict) -> dict:
     export_dir = Path(spec["export_dir"])
+    peaks = StagePeaks()
     t0 = time.perf_counter()
-    pipeline = open_pipeline(export_dir, spec["backend"], spec.get("threads"))
+    pipeline = peaks.measure("load", open_pipeline, export_dir, spec["backend"], spec.get("threads"))
     load_s = time.perf_counter() - t0
+    pipeline.pipelined = spec.get("pipelined", False)
+    if not pipeline.pipelined:  # overlapping stages cannot each have their own peak
+        pipeline.backend = MeteredBackend(pipeline.backend, peaks)
     manifest = pipeline.manifest
     rows = []
     llm_only = spec.get("llm_only", False)
     for image in [] if llm_only else spec["images"]:
         for layout in spec["layouts"]:
-            row = time_image(pipeline, image, spec["prompt"], layout=layout, decode_tokens=spec["decode_tokens"],
-                             warmup=spec["warmup"], repeats=spec["repeats"])
-            rows.append({"image": str(image), "layout": layout or pipeline.config.layout, **row})
-    llm = time_llm(pipeline, pp=spec["pp"], tg=spec["tg"], warmup=spec["warmup"],
-                   repeats=spec["repeats"] if llm_only else max(1, min(spec["repeats"], 3))) \
+            for budget in spec.get("view_budgets") or [None]:
+                pipeline.max_views = budget
+                row = time_image(pipeline, image, spec["prompt"], layout=layout,
+                                 decode_tokens=spec["decode_tokens"], warmup=spec["warmup"], repeats=spec["repeats"])
+                rows.append({"image": str(image), "layout": layout or pipeline.config.layout, "max_views": budget,
+                             "pipelined": pipeline.pipelined, **row})
+    if isinstance(pipeline.backend, MeteredBackend):
+        pipeline.backend = pipeline.backend.unwrapped
+    llm = peaks.measure("llm alone", time_llm, pipeline, spec["pp"], spec["tg"], spec["warmup"],
+                        spec["repeats"] if llm_only else max(1, min(spec["repeats"], 3))) \
         if spec["pp"] or spec["tg"] else None
     return {
         "export_dir": str(export_dir),
@@ -66,7 +78,8 @@ def run_case(spec: dict) -> dict:
         "load_s": load_s,
         "images": rows,
         "llm": llm,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peaks.peak(),
+        "stage_peak_rss_mib": peaks.stages,
     }
 
 

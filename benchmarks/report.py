@@ -41,18 +41,39 @@ def _label(case: dict) -> str:
 
 def stage_table(result: dict) -> str:
     """One row per (case, image, layout): the stage medians (ms, min–max) and rates."""
-    head = ("| backend / quant | threads | image | layout | views | image tok | preprocess ms | vision ms (per view) | "
+    head = ("| backend / quant | threads | image | layout | views (budget) | image tok | preprocess ms | vision ms (per view) | "
             "prefill ms (tok/s) | TTFT ms | decode tok/s | end to end ms | peak RSS MiB | artifacts MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case in result["cases"]:
         for row in case["images"]:
             s = row["stages"]
             lines.append(
-                f"| {_label(case)} | {_threads(case)} | {Path(row['image']).name} | {row['layout']} | {row['views']} | "
+                f"| {_label(case)} | {_threads(case)} | {Path(row['image']).name} | {row['layout']}"
+                f"{' pipelined' if row.get('pipelined') else ''} | {row['views']}{_budget(row)} | "
                 f"{row['image_tokens']} | {_ms(s['preprocess']) if 'preprocess' in s else 'on host'} | {_ms(s['vision'])} "
                 f"({1e3 * s['vision_per_view']['median']:.1f}) | {_ms(s['prefill'])} ({_rate(s['prefill_tok_s'])}) | "
                 f"{_ms(s['ttft'])} | {_rate(s['decode_tok_s'])} | {_ms(s['e2e'])} | {case['peak_rss_mib']:.0f} | "
                 f"{_mib(case['artifact_bytes'])} |")
+    return "\n".join(lines)
+
+
+def _budget(row: dict) -> str:
+    return f" (max {row['max_views']})" if row.get("max_views") else ""
+
+
+def memory_table(result: dict) -> str:
+    """Peak RSS per stage of each case, and the whole case's against the bytes of what it loads."""
+    stages = ("load", "vision", "prefill", "decode", "llm alone")
+    head = ("| backend / quant | threads | " + " | ".join(f"{s} MiB" for s in stages) +
+            " | peak MiB | artifacts MiB | peak / artifacts |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for case in result["cases"]:
+        per = case.get("stage_peak_rss_mib") or {}
+        cells = [f"{per[s]:.0f}" if per.get(s) is not None else "–" for s in stages]
+        ratio = case["peak_rss_mib"] * 2**20 / case["artifact_bytes"] if case.get("artifact_bytes") else None
+        lines.append(f"| {_label(case)} | {_threads(case)} | " + " | ".join(cells) +
+                     f" | {case['peak_rss_mib']:.0f} | {_mib(case['artifact_bytes'])} | "
+                     f"{f'{ratio:.2f}x' if ratio else '–'} |")
     return "\n".join(lines)
 
 
@@ -143,13 +164,13 @@ def skip_table(result: dict) -> str:
     lines = ["| backend / quant | threads | image | TTFT skip tokens ms | TTFT all tiles ms | change |",
              "|---|---|---|---|---|---|"]
     for case in result["cases"]:
-        by = {(r["image"], r["layout"]): r for r in case["images"]}
-        for (image, layout), row in by.items():
-            other = by.get((image, "sphinx-1k"))
+        by = {(r["image"], r["layout"], r.get("max_views")): r for r in case["images"]}
+        for (image, layout, budget), row in by.items():
+            other = by.get((image, "sphinx-1k", budget))
             if layout != "sphinx-x" or other is None:
                 continue
             a, b = row["stages"]["ttft"], other["stages"]["ttft"]
-            lines.append(f"| {_label(case)} | {_threads(case)} | {Path(image).name} | {_ms(a)} | {_ms(b)} | "
+            lines.append(f"| {_label(case)} | {_threads(case)} | {Path(image).name}{_budget(row)} | {_ms(a)} | {_ms(b)} | "
                          f"{_change(a, b)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -166,6 +187,8 @@ def markdown(result: dict) -> str:
         parts += ["", stage_table(result)]
     if any(c.get("llm") for c in result["cases"]):
         parts += ["", llm_table(result)]
+    if result["cases"]:
+        parts += ["", memory_table(result)]
     for table in (peer_table(result), skip_table(result)):
         if table:
             parts += ["", table]

@@ -76,6 +76,40 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS reports bytes, Linux KiB
 
 
+class StagePeaks:
+    """Peak RSS per named stage of a run, and the whole run's. Linux lets a process reset its own
+    high-water mark (writing 5 to /proc/self/clear_refs), so each stage's peak is its own and not
+    the largest before it; elsewhere only the whole run's peak is known (stage peaks are None)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float | None] = {}
+        self.overall = peak_rss_mib()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def measure(self, stage: str, fn, *args):
+        """`fn(*args)`, its peak RSS counted for `stage` (the largest of every call under that name)."""
+        self.overall = max(self.overall, peak_rss_mib())  # the peak so far, before a reset forgets it
+        resettable = self._reset()
+        try:
+            return fn(*args)
+        finally:
+            peak = peak_rss_mib()
+            self.overall = max(self.overall, peak)
+            known = self.stages.get(stage, 0.0)
+            self.stages[stage] = max(known, peak) if resettable and known is not None else None
+
+    def peak(self) -> float:
+        return max(self.overall, peak_rss_mib())
+
+
 def memory_bandwidth(threads: int | None = None, mib: int = 1024, repeats: int = 15) -> float:
     """Read bandwidth in GB/s with `threads` threads (default: the physical cores), each taking the
     maximum of its own slice of a buffer far larger than any cache: what decoding does with the

@@ -2,8 +2,8 @@
 and the skip embeddings) for as long as a Pipeline lives, and optionally on disk across processes.
 
 An entry is keyed by what decides its values: the export (the SHA-256 of its vision encoder and token
-embedding files, from the manifest), the image's bytes (or pixels, for an image given decoded) and the
-layout. On disk (`--cache-dir`) each entry is one file written atomically, whose header carries a
+embedding files, from the manifest), the image's bytes (or pixels, for an image given decoded), the
+layout and the view budget. On disk (`--cache-dir`) each entry is one file written atomically, whose header carries a
 checksum of the array: a file that does not match (cut short, altered) is refused, removed and the
 image encoded again. The folder is bounded in size; the entries used least recently go first.
 Torch-free.
@@ -36,8 +36,8 @@ def export_key(manifest: dict, files: list[str]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def image_key(export: str, image: ImageSource, layout: str) -> str:
-    h = hashlib.sha256(f"{export}\n{layout}\n".encode())
+def image_key(export: str, image: ImageSource, layout: str, max_views: int | None = None) -> str:
+    h = hashlib.sha256(f"{export}\n{layout}\n".encode() + (f"max_views {max_views}\n".encode() if max_views else b""))
     if isinstance(image, Image.Image):
         h.update(f"{image.mode} {image.size}\n".encode())
         h.update(image.tobytes())

@@ -36,6 +36,21 @@ class Commands(typer.Typer):
         return lambda fn: register(errors.guarded(fn, report_error))
 
 
+# Options that several commands take, defined once.
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="Also keep encoded images here, across runs (a new question about a cached image skips the vision "
+         "encoder); bounded by --cache-mb, least recently used go first.")]
+CacheMb = Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")]
+MaxViews = Annotated[Optional[int], typer.Option(
+    min=1, help="Encode at most N views per image, the global view included (1 = the global view alone; "
+                "default: every view the layout needs). The tiles holding the least of the image go first; "
+                "their place gets a skip token. Fewer views: a faster first answer, less detail.")]
+Pipelined = Annotated[bool, typer.Option(
+    help="Encode the next view while the decoder prefills the last one. Pays where vision runs on another "
+         "unit than the decoder (a GPU/NPU delegate); on CPU cores that both share it does not "
+         "(benchmarks/RESULTS.md).")]
+
+
 app = Commands(
     help="SPHINX-X multimodal LLMs on edge devices: inspect, load, convert and run models.",
     no_args_is_help=True,
@@ -141,6 +156,7 @@ def tiles(
     checkpoint: Annotated[Optional[Path], typer.Option(help="A model instead of --size: an export or checkpoint "
                                                        "directory (its view sizes and layout, e.g. a 1k model's).")] = None,
     layout: Annotated[Optional[str], typer.Option(help=f"Override the layout: {' or '.join(LAYOUTS)}.")] = None,
+    max_views: MaxViews = None,
 ) -> None:
     """How each image is tiled: encoded views, skipped tiles and image tokens (torch-free for sizes and
     exports). The size comes from each file's header (nothing is decoded); a file that cannot be read
@@ -165,7 +181,7 @@ def tiles(
             table.add_row(escape(path.name), "-", "[red]unreadable[/] (below)", "-", "-", "-", "-")
             continue
         plan = plan_tiles(w, h, layout=layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
-                          dino_size=cfg.dinov2.image_size)
+                          dino_size=cfg.dinov2.image_size, max_views=max_views)
         marks = "".join("#" if e else "." for e in plan.encoded)
         n = plan.n_image_tokens(cfg.tokens_per_view)
         table.add_row(escape(path.name), f"{w}x{h}", marks, str(plan.n_skipped), str(plan.n_views), str(n),
@@ -224,10 +240,10 @@ def chat(
     fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
                                         "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With EXPORT_DIR: CPU threads.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Also keep encoded images here, across runs (a new "
-                                                      "question about a cached image skips the vision encoder); "
-                                                      "bounded by --cache-mb, least recently used go first.")] = None,
-    cache_mb: Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")] = 512,
+    cache_dir: CacheDir = None,
+    cache_mb: CacheMb = 512,
+    max_views: MaxViews = None,
+    pipelined: Pipelined = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
@@ -252,8 +268,8 @@ def chat(
     if export_dir is not None:
         from sphinx_edge.runtime.pipeline import Chat, Pipeline
 
-        conversation = Chat(Pipeline(export_dir, fmt, threads=threads, cache_dir=cache_dir,
-                                     cache_bytes=cache_mb * 2**20), image)
+        conversation = Chat(Pipeline(export_dir, fmt, threads=threads, cache_dir=cache_dir, cache_bytes=cache_mb * 2**20,
+                                     max_views=max_views, pipelined=pipelined), image)
 
         def ask(q: str) -> None:
             start = time.perf_counter()
@@ -485,10 +501,10 @@ def run(
     fmt: Annotated[Format, typer.Option("--format", help="The export's graphs to run: onnx (torch-free) or pte "
                                         "(ExecuTorch).")] = Format.ONNX,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the runtime's).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Also keep encoded images here, across runs (a new "
-                                                      "question about a cached image skips the vision encoder); "
-                                                      "bounded by --cache-mb, least recently used go first.")] = None,
-    cache_mb: Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")] = 512,
+    cache_dir: CacheDir = None,
+    cache_mb: CacheMb = 512,
+    max_views: MaxViews = None,
+    pipelined: Pipelined = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -503,13 +519,13 @@ def run(
     if question is None:
         fail("give the question (quote it): sphinx-edge run [EXPORT_DIR] QUESTION")
     pipeline = Pipeline(export_dir or NANO_EXPORT, fmt, threads=threads, cache_dir=cache_dir,
-                        cache_bytes=cache_mb * 2**20)
+                        cache_bytes=cache_mb * 2**20, max_views=max_views, pipelined=pipelined)
     answer = pipeline.answer(question, image, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, on_text=lambda t: console.print(t, end="", markup=False, highlight=False))
     console.print()
     t = answer.timings
     parts = ["image from the cache"] if t.get("image_cached") else []
-    parts += [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "decode") if k in t]
+    parts += [f"{k} {t[k] * 1000:.0f} ms" for k in ("preprocess", "vision", "prefill", "ttft", "decode") if k in t]
     console.print(f"[dim]{answer.prompt_len} prompt tokens ({answer.image_tokens} image), {len(answer.token_ids)} "
                   f"generated, stop: {answer.stop_reason}; " + ", ".join(parts) + "[/]")
 
@@ -583,6 +599,10 @@ def bench(
                                                         "2:1 and 1:3 samples); repeat for several.")] = None,
     skip_tokens: Annotated[str, typer.Option(help="on: the model's layout (skip tokens for padded tiles); off: every "
                                              "tile encoded (sphinx-1k); both: each image both ways.")] = "both",
+    max_views: Annotated[Optional[list[int]], typer.Option(
+        min=1, help="View budgets to run each image with (see `run --help`); repeat for several, e.g. "
+                    "--max-views 1 --max-views 3 (default: every view the layout needs).")] = None,
+    pipelined: Pipelined = False,
     question: Annotated[str, typer.Option(help="The question asked about each image.")] = "What is in the image?",
     decode_tokens: Annotated[int, typer.Option(min=0, help="Greedy tokens decoded per answer (EOS ignored).")] = 32,
     pp: Annotated[int, typer.Option(min=0, help="LLM alone: prompt tokens prefilled (llama-bench ppN; clipped to "
@@ -616,7 +636,8 @@ def bench(
                                                        "default: build/cpp-android).")] = None,
 ) -> None:
     """Time every stage (image decode + tiling, vision per view, prefill, time to first token, decode,
-    end to end), peak RSS and artifact sizes over exports x formats x images x skip tokens on/off;
+    end to end), peak RSS (per stage) and artifact sizes over exports x formats x images x skip tokens
+    on/off x view budgets;
     print markdown tables, optionally save JSON and a PNG chart. Every runtime in a run, peers
     included, gets the same --threads; the count is in every row.
 
@@ -635,7 +656,8 @@ def bench(
         fail(f"--output: unknown format {output!r}; choose {', '.join(OUTPUT_FORMATS)}")
     if skip_tokens not in SKIP_TOKENS:
         fail(f"--skip-tokens is {', '.join(SKIP_TOKENS)}, not {skip_tokens!r}")
-    spec = BenchSpec(export_dirs=export_dirs, backends=list(fmt), layouts=SKIP_TOKENS[skip_tokens], prompt=question,
+    spec = BenchSpec(export_dirs=export_dirs, backends=list(fmt), layouts=SKIP_TOKENS[skip_tokens],
+                     view_budgets=list(max_views) if max_views else [None], pipelined=pipelined, prompt=question,
                      images=image or [SAMPLES / n for n in ("square.png", "wide_2x1.png", "tall_1x3.png")],
                      decode_tokens=decode_tokens, pp=pp, tg=tg, warmup=warmup, repeats=repeats, threads=threads,
                      llm_only=llm_only, bandwidth=bandwidth, peers=list(peer), peers_dir=peers_dir, target=target,
@@ -705,22 +727,41 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="LLaVA JSON with reference answers (e.g. data/nano/test.json).")],
     size: Annotated[Optional[str], typer.Option(help="Size; with no --checkpoint, its bundled weights.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory.")] = None,
+    export_dir: Annotated[Optional[Path], typer.Option("--export", help="Evaluate this export instead of a PyTorch "
+                                                       "model (its --format graphs).")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="With --export: the graphs to run.")] = Format.ONNX,
+    max_views: MaxViews = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N samples only.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
 ) -> None:
-    """Exact-match accuracy on held-out questions (greedy answers), per domain and aspect ratio."""
+    """Exact-match accuracy on held-out questions (greedy answers), per domain and aspect ratio, of a
+    PyTorch model or of an export."""
     import json
 
     from rich.progress import Progress
 
-    from sphinx_edge.generate import generate as run
     from sphinx_edge.train.synthetic import evaluate as score
 
-    model, tok = _model_and_tokenizer(checkpoint, size)
+    if export_dir is not None:
+        if size or checkpoint:
+            fail("--export evaluates an export, --size/--checkpoint a PyTorch model: give one of them")
+        from sphinx_edge.runtime.pipeline import Pipeline
+
+        pipeline = Pipeline(export_dir, fmt, max_views=max_views)
+
+        def predict(image: Path, question: str) -> str:
+            return pipeline.answer(question, image, max_new_tokens=16).text
+    else:
+        from sphinx_edge.generate import generate
+
+        model, tok = _model_and_tokenizer(checkpoint, size)
+
+        def predict(image: Path, question: str) -> str:
+            return generate(model, tok, question, image, max_new_tokens=16, max_views=max_views).text
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        result = score(lambda img, q: run(model, tok, q, img, max_new_tokens=16).text, data, limit=limit,
-                       progress=lambda i, n: bar.update(task, completed=i, total=n))
+        result = score(predict, data, limit=limit, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    result["max_views"] = max_views
     table = Table(title=f"exact match on {data.name} ({result['n']} questions)")
     table.add_column("slice")
     table.add_column("accuracy", justify="right")

@@ -24,14 +24,17 @@ class Generation:
     stop_reason: str  # "stop" (a stop string), "eos" or "length"
 
 
-def build_inputs(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: ImageSource | None) -> tuple[torch.Tensor, int]:
-    """Embeddings [1, L, dim] of BOS + image tokens + prompt, and the number of image tokens."""
+def build_inputs(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: ImageSource | None,
+                 max_views: int | None = None) -> tuple[torch.Tensor, int]:
+    """Embeddings [1, L, dim] of BOS + image tokens + prompt, and the number of image tokens.
+    `max_views`: the view budget of `layout.plan_tiles` (None: every tile the layout encodes)."""
     cfg = model.config
     ids = torch.tensor(tokenizer.encode(prompt, bos=True))
     if image is None:
         return model.embed_sequence(ids), 0
     plan, convnext_views, dinov2_views = preprocess(
-        image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size
+        image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size,
+        max_views=max_views,
     )
     dtype = next(model.convnext.parameters()).dtype
     views = model.encode_views(torch.from_numpy(convnext_views).to(dtype), torch.from_numpy(dinov2_views).to(dtype))
@@ -50,10 +53,11 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = 0,
     on_text: Callable[[str], None] | None = None,
+    max_views: int | None = None,
 ) -> Generation:
     """Answers `question` (or continues a list of (question, answer) turns) about `image`."""
     turns = [(question, None)] if isinstance(question, str) else list(question)
-    embeds, image_tokens = build_inputs(model, tokenizer, format_prompt(turns), image)
+    embeds, image_tokens = build_inputs(model, tokenizer, format_prompt(turns), image, max_views)
     prompt_len = embeds.shape[1]
     limit = model.config.llm.max_seq_len
     if prompt_len >= limit:

@@ -212,7 +212,8 @@ class TilePlan:
 
     @property
     def n_skipped(self) -> int:
-        return len(self.encoded) - len(self.view_tiles)
+        """Skip tokens in the sequence: one per tile not encoded (none in sphinx-1k, which has no skip token)."""
+        return len(self.encoded) - len(self.view_tiles) if self.layout == "sphinx-x" else 0
 
     def n_image_tokens(self, tokens_per_view: int) -> int:
         return self.n_views * tokens_per_view + self.n_skipped
@@ -225,14 +226,22 @@ class TilePlan:
 
 
 def plan_tiles(
-    width: int, height: int, *, layout: str, grid: int = 2, tile_size: int = 512, dino_size: int = 224
+    width: int, height: int, *, layout: str, grid: int = 2, tile_size: int = 512, dino_size: int = 224,
+    max_views: int | None = None,
 ) -> TilePlan:
-    """Decide the canvas geometry and the encoded tiles from the image size alone (no pixels)."""
+    """Decide the canvas geometry and the encoded tiles from the image size alone (no pixels).
+
+    `max_views` is a budget of encoded views, the global one included (1 = the global view alone):
+    the tiles holding the most image pixels are kept (row-major among equals) and the others are
+    left out as a fully padded tile is (docs/ARCHITECTURE.md, "Views and tokens").
+    """
     args = dict(width=width, height=height, grid=grid, tile_size=tile_size, dino_size=dino_size)
+    if max_views is not None:
+        args["max_views"] = max_views
     for arg, value in args.items():
         if operator.index(value) < 1:
             raise ValueError(f"{arg} must be positive, got {value}")
-    w, h, grid, tile_size, dino_size = map(operator.index, args.values())
+    w, h, grid, tile_size, dino_size = (operator.index(args[k]) for k in ("width", "height", "grid", "tile_size", "dino_size"))
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if layout == "sphinx-1k" and grid != 2:
@@ -258,7 +267,24 @@ def plan_tiles(
         cols = [c * tile_size < new_w for c in range(grid)]
         rows = [r * tile_size < new_h for r in range(grid)]
         encoded = tuple(row and col for row in rows for col in cols)
+    if max_views is not None and sum(encoded) > max_views - 1:
+        encoded = _within_budget(encoded, box, grid, tile_size, max_views - 1)
     return TilePlan(layout, grid, tile_size, dino_size, (w, h), canvas, box, encoded)
+
+
+def _within_budget(encoded: tuple[bool, ...], box: tuple[int, int, int, int], grid: int, tile_size: int,
+                   n_tiles: int) -> tuple[bool, ...]:
+    """The `n_tiles` encoded tiles with the largest share of the image (row-major among equals)."""
+    x0, y0, x1, y1 = box
+
+    def pixels(tile: int) -> int:
+        r, c = divmod(tile, grid)
+        w = min(x1, (c + 1) * tile_size) - max(x0, c * tile_size)
+        h = min(y1, (r + 1) * tile_size) - max(y0, r * tile_size)
+        return max(w, 0) * max(h, 0)
+
+    kept = sorted((t for t, enc in enumerate(encoded) if enc), key=lambda t: (-pixels(t), t))[:n_tiles]
+    return tuple(t in kept for t in range(len(encoded)))
 
 
 def fit_size(width: int, height: int, side: int) -> tuple[int, int]:
@@ -398,11 +424,13 @@ def pack_views(convnext_views: np.ndarray, dinov2_views: np.ndarray) -> np.ndarr
 
 
 def preprocess(
-    source: ImageSource, *, layout: str, grid: int = 2, tile_size: int = 512, dino_size: int = 224
+    source: ImageSource, *, layout: str, grid: int = 2, tile_size: int = 512, dino_size: int = 224,
+    max_views: int | None = None,
 ) -> tuple[TilePlan, np.ndarray, np.ndarray]:
     """One call from a file (or bytes, or PIL image) to (plan, ConvNeXt views, DINOv2 views)."""
     image = load_image(source)
-    plan = plan_tiles(*image.size, layout=layout, grid=grid, tile_size=tile_size, dino_size=dino_size)
+    plan = plan_tiles(*image.size, layout=layout, grid=grid, tile_size=tile_size, dino_size=dino_size,
+                      max_views=max_views)
     return (plan, *make_views(image, plan))
 
 
@@ -414,13 +442,15 @@ def image_segments(plan: TilePlan) -> list[tuple[str, int]]:
     """The image part of the sequence, right after BOS.
 
     ("view", k): the k-th view of make_views, wrapped in start_img/end_img (tokens_per_view);
-    ("skip", t): tile t is fully padded, one skip token. Order: global view, then tiles row-major.
+    ("skip", t): tile t is not encoded (fully padded, or left out by a view budget), one skip token.
+    Order: global view, then tiles row-major. The sphinx-1k layout has no skip token: a tile left
+    out by a budget is left out of the sequence.
     """
     segments, n_views = [("view", 0)], 1
     for tile, encoded in enumerate(plan.encoded):
         if encoded:
             segments.append(("view", n_views))
             n_views += 1
-        else:
+        elif plan.layout == "sphinx-x":
             segments.append(("skip", tile))
     return segments

@@ -98,6 +98,39 @@ def test_run_and_chat_answer_from_the_bundled_export_when_given_no_model():
     assert code == 2 and "Missing argument" in out
 
 
+def test_a_view_budget_on_tiles_run_and_eval(tmp_path):
+    """--max-views: the plan (tiles), the answer's image tokens (run) and an export's accuracy (eval)."""
+    import re
+
+    from sphinx_edge.bundled import NANO_EXPORT
+    from sphinx_edge.runtime.pipeline import Pipeline
+    from sphinx_edge.train.synthetic import answer_of, normalize_answer, question_of
+
+    image = SAMPLES / "shapes_2x1.png"
+    code, out = run("tiles", image, "--size", "nano", "--max-views", "1")
+    assert code == 0 and "...." in out, out
+    tokens = {}
+    for budget in ("1", "3"):
+        code, out = run("run", "--image", image, "What color is the circle?", "--max-views", budget,
+                        "--max-new-tokens", "2")
+        assert code == 0, out
+        tokens[budget] = int(re.search(r"\((\d+) image\)", out).group(1))
+    assert tokens["1"] < tokens["3"]
+    code, out = run("data", "synth", "--out", tmp_path / "data", "--train", "1", "--test", "6")
+    assert code == 0, out
+    code, out = run("eval", "--export", NANO_EXPORT, "--data", tmp_path / "data" / "test.json", "--max-views", "1",
+                    "--json", tmp_path / "scores.json")
+    assert code == 0, out
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    pipeline = Pipeline(NANO_EXPORT, max_views=1)
+    records = json.loads((tmp_path / "data" / "test.json").read_text())
+    hits = [normalize_answer(pipeline.answer(question_of(r), tmp_path / "data" / r["image"], max_new_tokens=16).text)
+            == normalize_answer(answer_of(r)) for r in records]
+    assert scores["n"] == 6 and scores["max_views"] == 1 and scores["accuracy"] == sum(hits) / 6
+    code, out = run("eval", "--export", NANO_EXPORT, "--size", "nano", "--data", tmp_path / "data" / "test.json")
+    assert code == 2 and "give one of them" in out
+
+
 def test_data_train_eval_and_chat_commands(tmp_path):
     """The nano pipeline's commands (`make nano`: data, reading set, tokenizer, warm-up, recipe, eval, chat), end to end on a tiny run."""
     import json

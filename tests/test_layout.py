@@ -85,6 +85,33 @@ def test_sphinx_x_grid_3_small_tiles():
     assert plan.n_image_tokens(TPV) == 4 * TPV + 6
 
 
+def test_a_view_budget_of_one_keeps_the_global_view_alone():
+    plan = plan_tiles(300, 300, layout="sphinx-x", max_views=1)
+    assert plan.n_views == 1 and plan.encoded == (False,) * 4
+    assert image_segments(plan) == [("view", 0)] + [("skip", t) for t in range(4)]  # left-out tiles: skip tokens
+    assert plan.n_image_tokens(TPV) == TPV + 4
+
+
+def test_a_view_budget_keeps_the_tiles_with_the_most_image():
+    # 1000 x 700 fills the top row (512 x 512 each) and 205 px of the bottom row.
+    assert plan_tiles(1000, 700, layout="sphinx-x").encoded == (True,) * 4
+    assert plan_tiles(1000, 700, layout="sphinx-x", max_views=3).encoded == (True, True, False, False)
+    # Equal shares: row-major order decides.
+    assert plan_tiles(300, 300, layout="sphinx-x", max_views=2).encoded == (True, False, False, False)
+    # A near-square tall image: its left column is whole, its right one 487 px wide.
+    assert plan_tiles(976, 1000, layout="sphinx-x", max_views=2).encoded == (True, False, False, False)
+    assert plan_tiles(976, 1000, layout="sphinx-x", max_views=3).encoded == (True, False, True, False)
+    # A budget the layout never reaches changes nothing.
+    assert plan_tiles(2000, 1000, layout="sphinx-x", max_views=5) == plan_tiles(2000, 1000, layout="sphinx-x")
+
+
+def test_a_view_budget_in_sphinx_1k_leaves_tiles_out_of_the_sequence():
+    plan = plan_tiles(640, 480, layout="sphinx-1k", max_views=2)  # letterboxed: four equal shares
+    assert plan.encoded == (True, False, False, False) and plan.n_views == 2 and plan.n_skipped == 0  # the released 1k models have no skip token
+    assert image_segments(plan) == [("view", 0), ("view", 1)]
+    assert plan.n_image_tokens(TPV) == 2 * TPV
+
+
 def test_sphinx_1k_content_box_centred():
     plan = plan_tiles(1000, 501, layout="sphinx-1k")  # offset (0, 249) in the 1000 square
     assert plan.content_box == (0, 254, 1024, 768)  # floor(249*1.024)=254, ceil(750*1.024)=768
@@ -106,6 +133,7 @@ def test_fit_size_extremes():
         (dict(width=5, height=5, layout="sphinx-x", grid=0), "grid"),
         (dict(width=5, height=5, layout="sphinx-x", tile_size=0), "tile_size"),
         (dict(width=5, height=5, layout="sphinx-x", dino_size=0), "dino_size"),
+        (dict(width=5, height=5, layout="sphinx-x", max_views=0), "max_views"),
     ],
 )
 def test_plan_tiles_validates(kwargs, match):

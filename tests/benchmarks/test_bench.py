@@ -65,6 +65,12 @@ def test_report_tables_json_and_chart(result, tmp_path):
     skip_rows = text.split("TTFT skip tokens ms")[1]
     assert skip_rows.count("| wide_2x1.png |") == 3 and skip_rows.count("| square.png |") == 3
     assert "not run: pte on" in text
+    memory = text.split("peak / artifacts |")[1]
+    assert memory.split("\n\n")[0].count("\n| ") == 3  # one row per case
+    for case in result["cases"]:  # each stage's peak is its own, none above the whole case's
+        peaks = case["stage_peak_rss_mib"]
+        assert set(peaks) == {"load", "vision", "prefill", "decode", "llm alone"}
+        assert all(0 < v <= case["peak_rss_mib"] for v in peaks.values())
     save_json(result, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["cases"] == result["cases"]
     save_chart(result, tmp_path / "r.png")
@@ -112,6 +118,7 @@ def test_targets_without_their_hardware_say_so(monkeypatch):
     (dict(llm_only=True, pp=0, tg=0), "--llm-only times the LLM alone"),
     (dict(peers=["llama.cpp-Q4_0"], pp=0, tg=0), "--peer times the LLM alone"),
     (dict(images=[Path("nowhere.png")]), "no image at nowhere.png"),
+    (dict(view_budgets=[None, 0]), "--max-views counts the global view"),
 ])
 def test_a_spec_that_cannot_run_is_refused_before_anything_runs(kwargs, message):
     args = {"export_dirs": [], "backends": ["onnx"], "images": [SQUARE], "layouts": [None], **kwargs}
@@ -202,3 +209,34 @@ def test_bandwidth_is_measured_before_and_after_the_cases(onnx_export, monkeypat
     assert seen[0] == seen[-1] == "memory bandwidth" and len(seen) == 3
     assert out["bandwidth_samples_gb_s"] == [20.0, 30.0] and out["bandwidth_gb_s"] == 30.0
     assert "20.0 and 30.0" in markdown(out)
+
+
+def test_view_budgets_are_rows_of_their_own(onnx_export):
+    spec = BenchSpec([onnx_export[1]], ["onnx"], [WIDE], [None], view_budgets=[1, None], pipelined=True,
+                     decode_tokens=2, pp=0, tg=0, warmup=0, repeats=1, bandwidth=False)
+    out = run_matrix(spec, lambda _: None)
+    (case,) = out["cases"]
+    rows = {r["max_views"]: r for r in case["images"]}
+    assert rows[1]["views"] == 1 and rows[None]["views"] == 3 and all(r["pipelined"] for r in rows.values())
+    assert rows[1]["image_tokens"] < rows[None]["image_tokens"]
+    text = markdown(out)
+    assert "| 1 (max 1) |" in text and "| 3 |" in text and "sphinx-x pipelined" in text
+
+
+def test_stage_peaks_are_each_stages_own():
+    import sys
+
+    from sphinx_edge.benchmarks.system import StagePeaks
+
+    def hold(mib: int) -> None:
+        block = np.ones(mib * 2**20 // 8)
+        block[::512] = 2.0
+
+    peaks = StagePeaks()
+    peaks.measure("big", hold, 300)
+    peaks.measure("small", hold, 20)
+    if sys.platform != "linux":
+        assert peaks.stages == {"big": None, "small": None} and peaks.peak() > 300
+        return
+    assert peaks.stages["big"] > peaks.stages["small"] + 250  # the high-water mark was reset between them
+    assert peaks.peak() >= peaks.stages["big"]

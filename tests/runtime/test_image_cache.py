@@ -64,10 +64,15 @@ def test_a_changed_image_or_export_misses(tmp_path):
     assert image_key(base, IMAGE, "sphinx-x") != image_key(base, tmp_path / "changed.png", "sphinx-x")
     assert image_key(base, IMAGE, "sphinx-x") != image_key(base, IMAGE, "sphinx-1k")
     assert image_key(base, IMAGE, "sphinx-x") == image_key(base, IMAGE.read_bytes(), "sphinx-x")
+    assert image_key(base, IMAGE, "sphinx-x") != image_key(base, IMAGE, "sphinx-x", max_views=1)
 
     pipeline = Pipeline(NANO_EXPORT, cache_dir=tmp_path / "cache")
     pipeline.answer(FIRST, IMAGE, max_new_tokens=2)
     assert "image_cached" not in pipeline.answer(FIRST, tmp_path / "changed.png", max_new_tokens=2).timings
+    full = pipeline.answer(FIRST, IMAGE, max_new_tokens=2)
+    budget = Pipeline(NANO_EXPORT, cache_dir=tmp_path / "cache", max_views=1).answer(FIRST, IMAGE, max_new_tokens=2)
+    assert full.timings["image_cached"] == 1.0 and "image_cached" not in budget.timings  # another view budget
+    assert budget.image_tokens < full.image_tokens
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "cut short", "not ours"])

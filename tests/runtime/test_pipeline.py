@@ -1,9 +1,12 @@
 """The runtime: same greedy tokens as torch on both backends, torch-free ONNX path, cache reuse in chat."""
 
 
+import numpy as np
 import pytest
 
 from conftest import make_image, run_torch_free
+from sphinx_edge.prompt import format_prompt
+from sphinx_edge.runtime import pipeline as pipeline_module
 from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.generate import generate
 from sphinx_edge.prompt import ContextOverflowError
@@ -92,3 +95,42 @@ def test_chat_drops_the_oldest_turns_when_the_history_no_longer_fits(onnx_export
     first_drop = next(a for a in answers if a.dropped_turns)
     assert first_drop.prefilled < first_drop.prompt_len - first_drop.image_tokens  # image kept in the cache
     assert chat.turns[-1][0].startswith("Question number 39")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "pte"])
+def test_chunked_streamed_and_pipelined_prefills_equal_one_call(backend, onnx_export, pte_export, image, monkeypatch):
+    """The prefill in chunks, views streamed from the encoder (in a worker thread, pipelined) gives
+    the logits and the greedy tokens of one prefill call over the whole sequence."""
+    _, out, _ = onnx_export if backend == "onnx" else pte_export
+    sequential, pipelined = Pipeline(out, backend), Pipeline(out, backend, pipelined=True)
+    ids = sequential.tokenizer.encode(format_prompt([("Describe the picture.", None)]), bos=True)
+    embeds, _ = sequential.encode_image(image)
+    monkeypatch.setattr(pipeline_module, "PREFILL_CHUNK", 10**6)
+    whole = sequential.prefill(ids, embeds)
+    reference = sequential.answer("Describe the picture.", image, max_new_tokens=10).token_ids
+    monkeypatch.setattr(pipeline_module, "PREFILL_CHUNK", 7)  # chunks that cut through views and text
+    assert len(ids) + len(embeds) > 3 * 7
+    np.testing.assert_allclose(sequential.prefill(ids, embeds), whole, atol=1e-4)
+    np.testing.assert_allclose(sequential.prefill(ids, sequential.image_stream(image)), whole, atol=1e-4)
+    np.testing.assert_allclose(pipelined.prefill(ids, pipelined.image_stream(image)), whole, atol=1e-4)
+    for p in (Pipeline(out, backend), Pipeline(out, backend, pipelined=True)):
+        answer = p.answer("Describe the picture.", image, max_new_tokens=10)
+        assert answer.token_ids == reference
+        assert answer.timings["vision"] > 0 and answer.timings["ttft"] >= answer.timings["prefill"]
+
+
+@pytest.mark.parametrize("max_views", [1, 2])
+def test_a_view_budget_answers_as_torch_with_the_same_budget(max_views, onnx_export, tokenizer_file, image):
+    model, out, _ = onnx_export
+    want = generate(model, Tokenizer(tokenizer_file), "Describe the picture.", image, max_new_tokens=8,
+                    max_views=max_views)
+    got = Pipeline(out, max_views=max_views).answer("Describe the picture.", image, max_new_tokens=8)
+    full = Pipeline(out).answer("Describe the picture.", image, max_new_tokens=1)
+    assert got.token_ids == want.token_ids and want.token_ids
+    assert got.image_tokens == want.image_tokens < full.image_tokens
+    assert got.timings["views"] == max_views
+
+
+def test_a_view_budget_below_one_is_refused(onnx_export):
+    with pytest.raises(ValueError, match="at least 1"):
+        Pipeline(onnx_export[1], max_views=0)
