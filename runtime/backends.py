@@ -34,11 +34,17 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.threads = threads  # None: onnxruntime's default, one per physical core
         options.log_severity_level = 3
         # Idle intra-op threads spin by default; between graph calls they then steal the cores from
         # our own numpy work (image preprocessing tripled on 2 cores; benchmarks/RESULTS.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No arena: it kept the largest activations each graph ever made (the vision encoder's: 0.8 GB
+        # for SPHINX-Tiny) for the life of the session, and freeing tensors as they die costs no
+        # measurable time in vision, prefill or decode. Prepacking stays: without it the weights stay
+        # memory-mapped (the same RSS once read) but a view takes 20-30 % longer
+        # (benchmarks/RESULTS.md, "Memory of a full answer").
+        options.enable_cpu_mem_arena = False
+        self.threads = threads  # None: onnxruntime's default, one per physical core
 
         def session(name: str):
             return ort.InferenceSession(str(export_dir / files[name][0]), options, providers=["CPUExecutionProvider"])

@@ -28,7 +28,7 @@ import numpy as np
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, TilePlan, image_segments, pack_views, preprocess
-from sphinx_edge.processes import release_free_memory
+from sphinx_edge.processes import release_free_memory, return_large_blocks_promptly
 from sphinx_edge.prompt import ContextOverflowError, Turn, answer_room, format_prompt, turns_to_drop
 from sphinx_edge.runtime.backends import BACKENDS
 from sphinx_edge.runtime.image_cache import DEFAULT_DISK_BYTES, ImageCache, export_key, image_key
@@ -64,6 +64,7 @@ class Pipeline:
                  max_views: int | None = None, pipelined: bool = False) -> None:
         if max_views is not None and max_views < 1:
             raise ValueError(f"max_views must be at least 1 (the global view), got {max_views}")
+        return_large_blocks_promptly()  # an answer's peak memory is its weights and one view's activations
         if isinstance(backend, str) and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.export_dir = Path(export_dir)

@@ -13,6 +13,8 @@ that the `finally` / `except BaseException` clean-ups that Ctrl-C runs also run 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import multiprocessing
 import os
 import signal
@@ -66,8 +68,17 @@ def _die_with_parent(watch, parent: int) -> None:
     threading.Thread(target=wait_for_parent, name="parent-watch", daemon=True).start()
 
 
-def _child_main(conn, watch, parent: int, fn: Callable[..., Any], args: tuple) -> None:
+def _logger_levels() -> dict[str, int]:
+    """The levels this process set on named loggers (the CLI quiets some libraries' warnings), so
+    that a spawned child, which starts with none of them, prints what the parent would."""
+    return {name: logger.level for name, logger in logging.Logger.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET}
+
+
+def _child_main(conn, watch, parent: int, levels: dict[str, int], fn: Callable[..., Any], args: tuple) -> None:
     _die_with_parent(watch, parent)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
     try:
         conn.send((True, fn(*args)))
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
@@ -85,7 +96,7 @@ def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     watch_read, watch_write = ctx.Pipe(duplex=False)  # only this process holds the write end
-    child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), fn, args))
+    child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), _logger_levels(), fn, args))
     try:
         child.start()
         watch_read.close()
@@ -129,24 +140,41 @@ def native_output_silenced():
             os.close(fd)
 
 
+@functools.cache
+def _glibc():
+    """glibc's C library where this process runs on it (None on musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK = 2**20
+
+
+def return_large_blocks_promptly() -> None:
+    """Large blocks (>= 1 MiB: activations, logits) get their own mappings, returned to the system
+    the moment they are freed. glibc raises its mmap threshold each time such a block is freed, up
+    to 32 MiB, after which the vision encoder's activations come from the heap and stay resident
+    between views (170 MiB of SPHINX-Tiny's peak; benchmarks/RESULTS.md, "Memory of a full answer").
+    Setting the threshold fixes it. Elsewhere nothing needs doing."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
+
+
 def release_free_memory() -> None:
     """Hands the memory that this process has freed back to the system where the allocator keeps
-    it: glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so the vision
-    encoder's activations would otherwise stay in the resident set through the prefill
-    (benchmarks/RESULTS.md, "Memory of a full answer"). Elsewhere nothing needs doing."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = lambda: None  # noqa: E731 (not glibc)
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):  # musl and others: no malloc_trim
-                pass
-            else:
-                _malloc_trim.argtypes = [ctypes.c_size_t]
-    _malloc_trim(0)
-
-
-_malloc_trim = None
+    it (glibc's heap), so that the vision encoder's last activations do not stay in the resident set
+    through the prefill. Elsewhere nothing needs doing."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

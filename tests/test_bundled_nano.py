@@ -3,7 +3,6 @@ held-out synthetic questions well above what the answer priors alone give (about
 
 import json
 
-import pytest
 
 from sphinx_edge.bundled import SAMPLES, WEIGHTS
 from sphinx_edge.train.synthetic import ANSWERS, generate as synthesize

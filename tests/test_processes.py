@@ -1,0 +1,33 @@
+"""Spawned stage processes (sphinx_edge.processes): they answer, and they keep the parent's quiet loggers."""
+
+import logging
+
+import pytest
+
+from sphinx_edge.processes import ChildFailed, run_in_child
+
+
+def level_of(name: str) -> int:
+    return logging.getLogger(name).getEffectiveLevel()
+
+
+def fail_with(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_a_child_keeps_the_loggers_its_parent_quieted():
+    """The CLI quiets some libraries' warnings (torchao's missing CUDA kernels); an export's stages run
+    in spawned processes, which must not print them either."""
+    quiet = logging.getLogger("sphinx-edge-test.quiet")
+    quiet.setLevel(logging.ERROR)
+    try:
+        assert run_in_child(level_of, "sphinx-edge-test.quiet") == logging.ERROR
+        assert run_in_child(level_of, "sphinx-edge-test.untouched") == logging.WARNING  # the root's default
+    finally:
+        quiet.setLevel(logging.NOTSET)
+
+
+def test_a_childs_exception_is_raised_in_the_parent():
+    with pytest.raises(ValueError, match="from the child"):
+        run_in_child(fail_with, "from the child")
+    assert issubclass(ChildFailed, RuntimeError)
