@@ -44,7 +44,7 @@ CacheMb = Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in 
 MaxViews = Annotated[Optional[int], typer.Option(
     min=1, help="Encode at most N views per image, the global view included (1 = the global view alone; "
                 "default: every view the layout needs). The tiles holding the least of the image go first; "
-                "their place gets a skip token. Fewer views than the image needs: a faster first answer, "
+                "their place gets a skip token (sphinx-x). Fewer views than the image needs: a faster first answer, "
                 "lower accuracy (benchmarks/RESULTS.md).")]
 Pipelined = Annotated[bool, typer.Option(
     help="Encode the next view while the decoder prefills the last one. Pays where vision runs on another "
