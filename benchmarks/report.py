@@ -70,7 +70,9 @@ def memory_table(result: dict) -> str:
     for case in result["cases"]:
         per = case.get("stage_peak_rss_mib") or {}
         cells = [f"{per[s]:.0f}" if per.get(s) is not None else "–" for s in stages]
-        ratio = case["peak_rss_mib"] * 2**20 / case["artifact_bytes"] if case.get("artifact_bytes") else None
+        # The torch row loads the PyTorch model, not the export's files: no ratio to them.
+        ratio = (case["peak_rss_mib"] * 2**20 / case["artifact_bytes"]
+                 if case.get("artifact_bytes") and case["backend"] != "torch" else None)
         lines.append(f"| {_label(case)} | {_threads(case)} | " + " | ".join(cells) +
                      f" | {case['peak_rss_mib']:.0f} | {_mib(case['artifact_bytes'])} | "
                      f"{f'{ratio:.2f}x' if ratio else '–'} |")
