@@ -1,6 +1,6 @@
 """ExecuTorch export: one `program.pte` with the methods ExecuTorch's multimodal runner expects.
 
-Methods (docs/ARCHITECTURE.md, section 4): `vision_encoder` (packed views [N, 3, tile + dino, tile], N dynamic),
+Methods (docs/ARCHITECTURE.md, section 4): `vision_encoder` (one packed view [1, 3, tile + dino, tile]),
 `token_embedding` (ids [1, L] over text vocabulary + skip/start/end), `text_decoder` (embeddings
 [1, L, dim] + positions [L] -> last-token logits, static KV cache inside as mutable buffers), plus
 constant methods with the metadata a runner reads (`get_max_seq_len`, `get_vocab_size`, ...).
@@ -129,14 +129,16 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     embedding = TokenEmbedding(model)
     if embedding_quant == "int8":
         _quantize_embedding(embedding)
-    max_views = cfg.grid * cfg.grid + 1
-    pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
+    # One view per call, as the runtime and ExecuTorch's MultimodalRunner call it: ExecuTorch plans
+    # (and allocates at load) a method's activations for its largest input, and a dynamic view axis
+    # up to 5 views planned 538 MiB for SPHINX-Tiny's vision encoder (benchmarks/RESULTS.md,
+    # "Memory of a full answer").
+    pixels = torch.zeros(1, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
     seq = Dim("seq_len", min=1, max=cfg.llm.max_seq_len)
     decoder = TextDecoder(model, max_seq_len=cfg.llm.max_seq_len)
     programs = {}
     with quiet(), torch.no_grad():
-        programs["vision_encoder"] = torch.export.export(
-            VisionEncoder(model), (pixels,), dynamic_shapes=({0: Dim("num_views", min=1, max=max_views)},))
+        programs["vision_encoder"] = torch.export.export(VisionEncoder(model), (pixels,))
         programs["token_embedding"] = torch.export.export(
             embedding, (torch.zeros(1, 3, dtype=torch.long),), dynamic_shapes=({1: seq},))
         programs["text_decoder"] = torch.export.export(

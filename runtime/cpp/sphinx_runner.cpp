@@ -69,7 +69,7 @@ struct Runner {
     auto ps = pixels->sizes(), es = embeds->sizes();
     if (ps.size() != 4 || es.size() != 3)
       throw Error("the program's vision_encoder / text_decoder inputs are not 4-D / 3-D");
-    max_views = ps[0];  // the upper bound of the dynamic view axis
+    max_views = ps[0];  // views per call: 1 in our exports, the upper bound of a dynamic view axis in older ones
     view_shape.assign(ps.begin() + 1, ps.end());
     dim = es[2];
     vocab = constant("get_vocab_size");
@@ -222,7 +222,7 @@ int run(int argc, char** argv) {
   const std::set<int64_t> eos_set(eos.begin(), eos.end());
   double load_ms = ms_since(t_load);
 
-  // Vision: the views in batches of the program's bound (Python encodes them in one batch too).
+  // Vision: the views in batches of the program's bound (one view per call in our exports, as in Python).
   auto t_vision = Clock::now();
   std::vector<const sphinx::Segment*> views;
   for (const auto& s : req.segments)
