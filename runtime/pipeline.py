@@ -288,7 +288,7 @@ class ImageStream:
             t0 = time.perf_counter()
             view = backend.encode_views(self._pixels[index:index + 1])[0]
             self.timings["vision"] += time.perf_counter() - t0
-            if kind == "view" and index == self.plan.n_views - 1:
+            if index == self.plan.n_views - 1:
                 release_free_memory()  # the encoder's activations, back to the system before the text
             pieces.append(np.concatenate([*skips, view]) if skips else view)
             skips = []
