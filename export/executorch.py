@@ -8,7 +8,8 @@ constant methods with the metadata a runner reads (`get_max_seq_len`, `get_vocab
 Quantization is torchao's, applied to the eager modules before `torch.export`:
 int4 = 8da4w (int8 dynamic activations, int4 weights per group, default group 32) and int8 = 8da8w
 on the LLM linears; the vision linears get 8da8w for int8/int4; the embedding table optionally
-int8 weight-only. Everything that XNNPACK supports is delegated to it.
+int8 weight-only. Everything that XNNPACK supports is delegated to it; the vision encoder is first
+rewritten (xnnpack_rewrites.py) so that XNNPACK takes nearly all of it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.export.onnx import quiet
 from sphinx_edge.export.options import ExportOptions, Format
+from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
 from sphinx_edge.model.sphinx import SphinxModel
 
@@ -126,6 +128,8 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     if vision_quant == "int8":
         for part in (model.convnext, model.dinov2, model.visual_proj):
             _quantize_linears(part, 8, group_size, weight_only=delegate == "coreml")
+    if delegate == "xnnpack":
+        prepare_vision_for_xnnpack(model)
     embedding = TokenEmbedding(model)
     if embedding_quant == "int8":
         _quantize_embedding(embedding)
@@ -139,6 +143,8 @@ def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quan
     programs = {}
     with quiet(), torch.no_grad():
         programs["vision_encoder"] = torch.export.export(VisionEncoder(model), (pixels,))
+        if delegate == "xnnpack":
+            programs["vision_encoder"] = programs["vision_encoder"].run_decompositions(ATTENTION_AS_MATMULS)
         programs["token_embedding"] = torch.export.export(
             embedding, (torch.zeros(1, 3, dtype=torch.long),), dynamic_shapes=({1: seq},))
         programs["text_decoder"] = torch.export.export(

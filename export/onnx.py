@@ -120,12 +120,82 @@ def tidy(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
     for value in proto.graph.input:
         for axis, name in dim_names.get(value.name, {}).items():
             rename[value.type.tensor_type.shape.dim[axis].dim_param] = name
+    fuse_gelu(proto)
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info] if rename else []:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)
     onnx.save(proto, path)
+
+
+def _scalar(graph: onnx.GraphProto, name: str) -> float | None:
+    """The value of a one-element float initializer or Constant called `name`, else None."""
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            break
+    else:
+        nodes = [n for n in graph.node if n.op_type == "Constant" and n.output[0] == name]
+        if not nodes or nodes[0].attribute[0].name != "value":
+            return None
+        tensor = nodes[0].attribute[0].t
+    if tensor.data_type != onnx.TensorProto.FLOAT or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    values = onnx.numpy_helper.to_array(tensor).ravel()
+    return float(values[0]) if values.size == 1 else None
+
+
+def fuse_gelu(proto: onnx.ModelProto) -> int:
+    """Replaces torch's exact GELU, exported as `x * (0.5 * (erf(x / sqrt 2) + 1))`, by onnxruntime's
+    fused `com.microsoft.Gelu` (the same function); returns how many. onnxruntime's own fusion does not
+    match this operand order, and the five elementwise passes over ConvNeXt-XXL's 4x-wide MLP
+    activations took a tenth of a SPHINX-Tiny view (benchmarks/RESULTS.md, "Faster vision")."""
+    graph = proto.graph
+    nodes = list(graph.node)
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+
+    def only_reader(name: str, op: str) -> int | None:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and nodes[found[0]].op_type == op else None
+
+    def operand(node: onnx.NodeProto, this: str) -> str:
+        return node.input[1] if node.input[0] == this else node.input[0]
+
+    def near(name: str, value: float) -> bool:
+        found = _scalar(graph, name)
+        return found is not None and abs(found - value) < 1e-6
+
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for i, div in enumerate(nodes):
+        if div.op_type != "Div" or not near(div.input[1], 2 ** 0.5):
+            continue
+        x, chain, name = div.input[0], [i], div.output[0]
+        for op in ("Erf", "Add", "Mul", "Mul"):
+            j = only_reader(name, op)
+            if j is None:
+                break
+            chain.append(j)
+            name = nodes[j].output[0]
+        if len(chain) < 5:
+            continue
+        erf, add, half, out = (nodes[j] for j in chain[1:])
+        if not (near(operand(add, erf.output[0]), 1.0) and near(operand(half, add.output[0]), 0.5)
+                and operand(out, half.output[0]) == x):
+            continue
+        replaced.update(dict.fromkeys(chain[:-1]))
+        # In the last node's place, so the graph stays topologically sorted.
+        replaced[chain[-1]] = onnx.helper.make_node("Gelu", [x], list(out.output), name=f"{out.name or name}_gelu",
+                                                    domain="com.microsoft")
+    if replaced:
+        kept = [replaced.get(i, node) for i, node in enumerate(nodes) if replaced.get(i, node) is not None]
+        del graph.node[:]
+        graph.node.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return sum(node is not None for node in replaced.values())
 
 
 def vision_encoder_graph(model: SphinxModel, path: Path) -> None:

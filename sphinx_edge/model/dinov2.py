@@ -88,6 +88,13 @@ class DINOv2(nn.Module):
         self.patch_embed = PatchEmbed(config.patch_size, dim)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.fixed_pos: Tensor | None = None  # see fix_input_size
+
+    def fix_input_size(self, height: int, width: int) -> None:
+        """Keeps the position embeddings for one input size as a constant (not a parameter), so an
+        exported graph reads them instead of resizing the table on every call. Export only: later
+        changes to `pos_embed` are not seen for that size."""
+        self.fixed_pos = self.interpolate_pos_encoding(height, width).detach().clone()
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embeddings [1, 1 + h0*w0, D] (float32 when resized) for a height x width input.
@@ -118,7 +125,10 @@ class DINOv2(nn.Module):
         height, width = x.shape[-2:]
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.interpolate_pos_encoding(height, width).to(x.dtype)
+        pos = self.fixed_pos
+        if pos is None or pos.shape[1] != x.shape[1]:
+            pos = self.interpolate_pos_encoding(height, width)
+        x = x + pos.to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)  # = cat([x_norm_clstoken, x_norm_patchtokens]) of forward_features

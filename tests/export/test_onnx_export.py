@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_image
+from sphinx_edge.config import get_config
 from sphinx_edge.export.exporter import ExportOptions, export_model
 from sphinx_edge.export.graphs import VisionEncoder
 from sphinx_edge.export.onnx import decoder_graph, quantize_file
@@ -35,6 +36,38 @@ def test_fp32_export_verifies_against_torch(onnx_export):
     assert shapes["present.0.key"][2] in ("past_sequence_length + sequence_length",
                                          "sequence_length + past_sequence_length")
     assert shapes["pixel_values"][0] == shapes["image_embeds"][0] == "num_views"
+
+
+def test_vision_graph_runs_gelu_as_one_fused_op(onnx_export):
+    """ConvNeXt's exact GELU is onnxruntime's fused Gelu in the graph (the views' parity with torch is
+    checked above and below); nothing of the five-op form is left."""
+    _, out, _ = onnx_export
+    ops = [n.op_type for n in onnx.load(out / "vision_encoder.onnx", load_external_data=False).graph.node]
+    assert ops.count("Gelu") == sum(get_config("test-tiny").convnext.depths) and "Erf" not in ops
+
+
+def test_gelu_fusion_keeps_the_values_and_leaves_other_graphs_alone():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sphinx_edge.export.onnx import fuse_gelu
+
+    def graph(sqrt2: float):
+        consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("r", sqrt2), ("one", 1.0), ("half", 0.5))]
+        nodes = [helper.make_node("Div", ["x", "r"], ["a"]), helper.make_node("Erf", ["a"], ["b"]),
+                 helper.make_node("Add", ["b", "one"], ["c"]), helper.make_node("Mul", ["half", "c"], ["d"]),
+                 helper.make_node("Mul", ["x", "d"], ["y"]), helper.make_node("Relu", ["y"], ["z"])]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 4]) for n in ("x", "z")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], consts),
+                                 opset_imports=[helper.make_opsetid("", 18)])
+
+    x = np.linspace(-4, 4, 12, dtype=np.float32).reshape(3, 4)
+    model = graph(2 ** 0.5)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert fuse_gelu(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gelu", "Relu"]
+    np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], want, atol=1e-6)
+    other = graph(2.0)  # not a GELU
+    assert fuse_gelu(other) == 0 and len(other.graph.node) == 6
 
 
 @pytest.mark.parametrize("n_views", [1, 2, 3, 5])
