@@ -191,8 +191,15 @@ def fuse_gelu(proto: onnx.ModelProto) -> int:
                                                     domain="com.microsoft")
     if replaced:
         kept = [replaced.get(i, node) for i, node in enumerate(nodes) if replaced.get(i, node) is not None]
-        del graph.node[:]
+        # The constants (sqrt 2, 1, 0.5) the removed nodes read go too once nothing reads them: a
+        # runtime warns about every unused initializer when it loads the graph.
+        read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+        dropped = {name for i in replaced for name in nodes[i].input} - read
+        kept = [n for n in kept if not (n.op_type == "Constant" and n.output[0] in dropped)]
+        initializers = [t for t in graph.initializer if t.name not in dropped]
+        del graph.node[:], graph.initializer[:]
         graph.node.extend(kept)
+        graph.initializer.extend(initializers)
         if not any(o.domain == "com.microsoft" for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return sum(node is not None for node in replaced.values())
