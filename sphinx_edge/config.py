@@ -305,3 +305,83 @@ def parameter_counts(c: SphinxConfig) -> dict[str, int]:
     }
     counts["total"] = sum(counts.values())
     return counts
+
+
+# --- The further experts of the four-expert checkpoints ----------------------------------------
+# llama_ens / llama_ens5 / mixtral_sparse_ens(5) (SPHINX, SPHINX-1k / v2-1k, SPHINX-MoE(-1k)) add
+# OpenAI CLIP ViT-L/14 and BLIP-2's EVA ViT-g + Q-Former to the ConvNeXt and DINOv2 above. Both see
+# 224 px views (sphinx_edge/model/clip_vit.py and qformer.py state what they return).
+
+
+@dataclass(frozen=True)
+class CLIPViTConfig:
+    """OpenAI CLIP ViT (open_clip `VisionTransformer`); defaults are ViT-L/14 at 224 px."""
+
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16  # open_clip: width // head_width (64)
+    patch_size: int = 14
+    image_size: int = 224  # no position-embedding resize: the reference adds the table as is
+    mlp_ratio: float = 4.0
+    output_dim: int = 768  # columns of `proj`, which SPHINX loads but does not apply
+    # OpenAI's weights were trained with QuickGELU (open_clip's `pretrained='openai'` path up to
+    # 2.x builds it so); see clip_vit.py for why this is a setting.
+    quick_gelu: bool = True
+    norm_eps: float = 1e-5
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BLIP-2 (blip2-opt-2.7b): EVA ViT-g vision model, Q-Former and its query tokens.
+
+    Defaults are transformers' `Blip2Config()` ones, which equal the blip2-opt-2.7b config.json that
+    LLaMA2-Accessory bundles (accessory/resources/hf/Salesforce/blip2-opt-2.7b/config.json).
+    """
+
+    vision_dim: int = 1408
+    vision_layers: int = 39
+    vision_heads: int = 16
+    vision_mlp: int = 6144
+    patch_size: int = 14
+    image_size: int = 224
+    vision_norm_eps: float = 1e-6
+    qformer_dim: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_mlp: int = 3072
+    cross_attention_every: int = 2  # layers 0, 2, 4, ... cross-attend to the image tokens
+    n_queries: int = 32
+    qformer_norm_eps: float = 1e-12
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def clip_vit_parameters(c: CLIPViTConfig) -> int:
+    d, h = c.width, c.mlp_hidden
+    embed = 3 * c.patch_size**2 * d + d + (1 + c.n_patches) * d  # conv1 (no bias), class, positions
+    block = 2 * d + (d + 1) * 3 * d + (d + 1) * d + 2 * d + (d + 1) * h + (h + 1) * d
+    return embed + 2 * d + c.layers * block + 2 * d + d * c.output_dim  # ln_pre, blocks, ln_post, proj
+
+
+def qformer_parameters(c: QFormerConfig) -> int:
+    v, h = c.vision_dim, c.vision_mlp
+    vision = 3 * c.patch_size**2 * v + v + v + (1 + c.n_patches) * v  # patch conv + bias, class, positions
+    vision += c.vision_layers * (2 * v + (v + 1) * 3 * v + (v + 1) * v + 2 * v + (v + 1) * h + (h + 1) * v)
+    vision += 2 * v  # post_layernorm
+    q, m = c.qformer_dim, c.qformer_mlp
+    self_attn = 3 * (q + 1) * q + (q + 1) * q + 2 * q
+    cross_attn = (q + 1) * q + 2 * (v + 1) * q + (q + 1) * q + 2 * q
+    ffn = (q + 1) * m + (m + 1) * q + 2 * q
+    n_cross = len(range(0, c.qformer_layers, c.cross_attention_every))
+    qformer = 2 * q + c.qformer_layers * (self_attn + ffn) + n_cross * cross_attn
+    return vision + c.n_queries * q + qformer
