@@ -32,11 +32,14 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def _label(case: dict) -> str:
-    """backend, LLM quantization (with its int4 block / group size), the vision encoder's if it differs."""
+def _label(case: dict, result: dict) -> str:
+    """backend, LLM quantization (with its int4 block / group size), the vision encoder's if it differs;
+    the export's folder too when the run covers several (two exports may share all of that)."""
     group = f" g{case['group_size']}" if case["quant"] == "int4" and case.get("group_size") else ""
-    return f"{case['backend']} {case['quant']}{group}" + (
+    label = f"{case['backend']} {case['quant']}{group}" + (
         f"/vis {case['vision_quant']}" if case["vision_quant"] != case["quant"] else "")
+    folders = {c.get("export_dir") for c in result.get("cases", []) if c.get("export_dir") not in (None, "-")}
+    return f"{label} ({Path(case['export_dir']).name})" if len(folders) > 1 and case.get("export_dir") in folders else label
 
 
 def stage_table(result: dict) -> str:
@@ -48,7 +51,7 @@ def stage_table(result: dict) -> str:
         for row in case["images"]:
             s = row["stages"]
             lines.append(
-                f"| {_label(case)} | {_threads(case)} | {Path(row['image']).name} | {row['layout']}"
+                f"| {_label(case, result)} | {_threads(case)} | {Path(row['image']).name} | {row['layout']}"
                 f"{' pipelined' if row.get('pipelined') else ''} | {row['views']}{_budget(row)} | "
                 f"{row['image_tokens']} | {_ms(s['preprocess']) if 'preprocess' in s else 'on host'} | {_ms(s['vision'])} "
                 f"({1e3 * s['vision_per_view']['median']:.1f}) | {_ms(s['prefill'])} ({_rate(s['prefill_tok_s'])}) | "
@@ -73,7 +76,7 @@ def memory_table(result: dict) -> str:
         # The torch row loads the PyTorch model, not the export's files: no ratio to them.
         ratio = (case["peak_rss_mib"] * 2**20 / case["artifact_bytes"]
                  if case.get("artifact_bytes") and case["backend"] != "torch" else None)
-        lines.append(f"| {_label(case)} | {_threads(case)} | " + " | ".join(cells) +
+        lines.append(f"| {_label(case, result)} | {_threads(case)} | " + " | ".join(cells) +
                      f" | {case['peak_rss_mib']:.0f} | {_mib(case['artifact_bytes'])} | "
                      f"{f'{ratio:.2f}x' if ratio else '–'} |")
     return "\n".join(lines)
@@ -91,7 +94,7 @@ def llm_table(result: dict) -> str:
             continue
         read = case["decode_weight_bytes"]
         frac = f"{llm['tg_tok_s']['mean'] * read / (bw * 1e9):.0%}" if bw else "–"
-        lines.append(f"| {_label(case)} | {_threads(case)} | pp{llm['pp_tokens']}: {_mean_sd(llm['pp_tok_s'])} | "
+        lines.append(f"| {_label(case, result)} | {_threads(case)} | pp{llm['pp_tokens']}: {_mean_sd(llm['pp_tok_s'])} | "
                      f"tg{llm['tg_tokens']}: {_mean_sd(llm['tg_tok_s'])} | {_mib(read)} | {frac} | "
                      f"{case['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
@@ -104,7 +107,7 @@ def peer_table(result: dict) -> str:
         return ""
     best_pp = max(p["pp_tok_s"]["mean"] for p in peers)
     best_tg = max(p["tg_tok_s"]["mean"] for p in peers)
-    rows = [(_label(c), c["llm"], None, c) for c in result["cases"] if c.get("llm")]
+    rows = [(_label(c, result), c["llm"], None, c) for c in result["cases"] if c.get("llm")]
     rows += [(p["peer"], p, p["artifact_bytes"], p) for p in peers]
     lines = ["| runtime / quant | threads | pp tok/s | vs best peer | tg tok/s | vs best peer | peer model MiB | "
              "peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -120,7 +123,7 @@ def llm_records(result: dict) -> list[dict]:
     """One record per LLM-alone test (ppN or tgN) of every case and peer, with llama-bench's field
     names where it has one: the rows of `-o jsonl` and `-o csv`."""
     m = result["machine"]
-    rows = [(_label(c), c) for c in result["cases"] if c.get("llm")]
+    rows = [(_label(c, result), c) for c in result["cases"] if c.get("llm")]
     rows += [(p["peer"], p) for p in result.get("peers") or []]
     records = []
     for label, row in rows:
@@ -172,7 +175,7 @@ def skip_table(result: dict) -> str:
             if layout != "sphinx-x" or other is None:
                 continue
             a, b = row["stages"]["ttft"], other["stages"]["ttft"]
-            lines.append(f"| {_label(case)} | {_threads(case)} | {Path(image).name}{_budget(row)} | {_ms(a)} | {_ms(b)} | "
+            lines.append(f"| {_label(case, result)} | {_threads(case)} | {Path(image).name}{_budget(row)} | {_ms(a)} | {_ms(b)} | "
                          f"{_change(a, b)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -212,7 +215,7 @@ def save_chart(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise RuntimeError("the PNG chart needs matplotlib: pip install 'sphinx-edge[bench]'") from e
-    rows = [(f"{_label(c)} · {Path(r['image']).stem} · {r['layout']}", r["stages"]) for c in result["cases"]
+    rows = [(f"{_label(c, result)} · {Path(r['image']).stem} · {r['layout']}", r["stages"]) for c in result["cases"]
             for r in c["images"]]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     left = [0.0] * len(rows)

@@ -406,7 +406,9 @@ def export_cmd(
     group_size: Annotated[int, typer.Option(min=1, help="int4 block (onnx) / group (pte) size: a power of two, "
                                             "at least 16.")] = 32,
     vision_quant: Annotated[Optional[Quant], typer.Option(help="Vision encoder: int8 at most (default: int8 when "
-                                                          "--quant is int8/int4, else --quant).")] = None,
+                                                          "--quant is int8/int4, else --quant). fp16 (onnx) is "
+                                                          "for targets with fp16 arithmetic (GPU/NPU, Arm FP16, "
+                                                          "Apple); x86 CPUs run it slower than fp32.")] = None,
     embedding_quant: Annotated[TableQuant, typer.Option(help="Token embedding table.")] = TableQuant.FP32,
     verify: Annotated[bool, typer.Option(help="Check the graphs against the PyTorch model after exporting.")] = True,
     eval_samples: Annotated[int, typer.Option("--eval", min=0, help="Also score N held-out synthetic questions "

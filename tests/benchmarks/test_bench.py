@@ -241,3 +241,16 @@ def test_stage_peaks_are_each_stages_own():
         return
     assert peaks.stages["big"] > peaks.stages["small"] + 250  # the high-water mark was reset between them
     assert peaks.peak() >= peaks.stages["big"]
+
+
+def test_rows_name_their_export_when_a_run_covers_several():
+    """Two exports of the same kind (before / after a change) give rows that say which is which."""
+    from sphinx_edge.benchmarks.report import memory_table
+
+    case = {"backend": "pte", "quant": "int4", "group_size": 32, "vision_quant": "int8", "threads": 2,
+            "peak_rss_mib": 3000.0, "artifact_bytes": 2500 * 2**20, "stage_peak_rss_mib": {}}
+    one = {"cases": [dict(case, export_dir="exports/tiny-int4")]}
+    two = {"cases": [dict(case, export_dir="exports/tiny-int4"), dict(case, export_dir="exports/tiny-int4-v2")]}
+    assert "| pte int4 g32/vis int8 | 2 |" in memory_table(one)
+    rows = memory_table(two).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| pte int4 g32/vis int8 (tiny-int4)", "| pte int4 g32/vis int8 (tiny-int4-v2)"]
