@@ -27,6 +27,7 @@ import numpy as np
 from sphinx_edge.io import atomic_path
 from sphinx_edge.layout import ImageSource
 from sphinx_edge.prompt import STOP_STRINGS, ContextOverflowError
+from sphinx_edge.runtime.image_cache import export_key, image_key
 from sphinx_edge.runtime.multimodal_inputs import Segment, build_inputs, sequence_length
 from sphinx_edge.runtime.pipeline import Pipeline
 from sphinx_edge.tokenizer import Tokenizer
@@ -64,8 +65,26 @@ def vocab_header(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: int) -> bytes:
-    """The request file's bytes for `segments` of `pipeline`'s model."""
+def image_cache_entry(pipeline: Pipeline, image: ImageSource, layout: str,
+                      image_tokens: int) -> dict[str, Any] | None:
+    """Where the runner keeps `image`'s encoded part (runtime/cpp/image_cache.h, `--cache-dir`): the
+    key a Pipeline on this export's pte program gives it (Pipeline.image_embeds: the views a request
+    holds are never capped, so no max_views), and the part's shape [image tokens, dim]. None for an
+    export without a pte program: no runner can run its request."""
+    graphs = pipeline.manifest["graphs"].get("pte")
+    if not graphs:
+        return None
+    # Pipeline's export key: every file that computes the image part, all but the decoder's. Read
+    # from the manifest, not graph_files, so that a Core ML export gets its key off Apple hosts too.
+    files = [f for name, graph in graphs.items() if name != "decoder" for f in graph["files"]]
+    return {"key": image_key(export_key(pipeline.manifest, files), image, layout),
+            "shape": [image_tokens, pipeline.config.llm.dim]}
+
+
+def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: int,
+                   image_cache: dict[str, Any] | None = None) -> bytes:
+    """The request file's bytes for `segments` of `pipeline`'s model; `image_cache` (from
+    `image_cache_entry`) lets the runner keep the encoded image across runs."""
     cfg = pipeline.config
     entries, blobs, offset = [], [], 0
     for s in segments:
@@ -93,6 +112,8 @@ def encode_request(pipeline: Pipeline, segments: list[Segment], max_new_tokens: 
         "data_bytes": offset,
         "vocab": vocab_header(pipeline.tokenizer),
     }
+    if image_cache is not None:  # optional: a runner given a request without it does not cache
+        header["image_cache"] = image_cache
     # data_offset depends on the header's own length: fix it at a bound, then pad to it.
     header["data_offset"] = 0
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
@@ -112,18 +133,21 @@ def write_request(export_dir: str | os.PathLike, image: ImageSource | None, ques
     pipeline = Pipeline(export_dir, backend=None)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    layout = layout or pipeline.config.layout
     segments = build_inputs(pipeline.config, pipeline.tokenizer, image, question, layout=layout)
     length = sequence_length(segments, pipeline.config.tokens_per_view)
     if length >= pipeline.config.llm.max_seq_len:
         raise ContextOverflowError(f"the prompt takes {length} tokens; the context holds "
                                    f"{pipeline.config.llm.max_seq_len}. Ask a shorter question.")
-    blob = encode_request(pipeline, segments, max_new_tokens)
-    with atomic_path(out) as tmp:
-        Path(tmp).write_bytes(blob)
     skip, views = pipeline.config.skip_id, sum(s.kind == "image" for s in segments)
     skipped = sum(t == skip for s in segments for t in s.tokens)
-    return {"sequence_length": length, "image_tokens": views * pipeline.config.tokens_per_view + skipped,
-            "views": views, "skipped_tiles": skipped, "bytes": len(blob)}
+    image_tokens = views * pipeline.config.tokens_per_view + skipped
+    cache = image_cache_entry(pipeline, image, layout, image_tokens) if image is not None else None
+    blob = encode_request(pipeline, segments, max_new_tokens, cache)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_bytes(blob)
+    return {"sequence_length": length, "image_tokens": image_tokens, "views": views, "skipped_tiles": skipped,
+            "bytes": len(blob)}
 
 
 def read_request_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -146,7 +170,10 @@ def decode_request(blob: bytes) -> tuple[dict[str, Any], list[Segment]]:
         raise ValueError("truncated: the header runs past the end of the file")
     header = json.loads(blob[len(MAGIC) + 4:len(MAGIC) + 4 + size].decode())  # ValueError when broken
     try:
-        return header, _segments(blob, header)
+        segments = _segments(blob, header)
+        if "image_cache" in header:
+            _check_image_cache(header["image_cache"], segments, header["sequence_length"])
+        return header, segments
     except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
         raise ValueError(f"the request header is malformed ({type(e).__name__}: {e})") from e
 
@@ -172,3 +199,18 @@ def _segments(blob: bytes, header: dict[str, Any]) -> list[Segment]:
             raise ValueError("an image segment's shape or offset does not fit the image data")
         segments.append(Segment(image=data[start // 4:start // 4 + count].reshape(shape)))
     return segments
+
+
+def _check_image_cache(entry: dict[str, Any], segments: list[Segment], length: int) -> None:
+    """As request.h's cached_image: a key that can only name a file, and an image part inside the
+    sequence, from the first view on."""
+    key, shape = entry["key"], entry["shape"]
+    if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+            and len(shape) == 2 and all(type(d) is int and d >= 1 for d in shape)):
+        raise ValueError("image_cache needs a key of 64 hex digits and a shape [tokens, dim]")
+    kinds = [s.kind for s in segments]
+    if "image" not in kinds:
+        raise ValueError("image_cache names an image, the request has none")
+    start = sum(len(s.tokens) for s in segments[:kinds.index("image")])
+    if shape[0] > length - start:
+        raise ValueError(f"the image part ({shape[0]} tokens) runs past the sequence")

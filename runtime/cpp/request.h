@@ -2,6 +2,7 @@
 // ids into text exactly as SentencePiece's DecodeIds does, so the runner needs no SentencePiece.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -295,9 +296,18 @@ struct Segment {
   bool is_image() const { return !shape.empty(); }
 };
 
+// Where the request's image part is kept in the image cache (image_cache.h): the key the Python
+// runtime gives the same image of the same export, and the part's shape [tokens, dim]. The part
+// runs from the first view for `tokens` positions (BOS before it, the text after it).
+struct CachedImage {
+  std::string key;  // empty: the request names none (text only, or written before the cache)
+  int64_t tokens = 0, dim = 0, start = 0;
+};
+
 struct Request {
   Json header;
   std::vector<Segment> segments;
+  CachedImage image;
   std::vector<int64_t> eos_ids;
   std::vector<std::string> stop_strings;
   int64_t max_new_tokens = 0;
@@ -379,6 +389,7 @@ struct Request {
     r.sequence_length = h.at("sequence_length").integer();
     if (r.max_new_tokens < 0 || r.sequence_length < 1)
       throw Error(path + ": max_new_tokens must be >= 0 and sequence_length >= 1");
+    if (h.has("image_cache")) r.image = cached_image(h.at("image_cache"), r, path);
 
     const Json& v = h.at("vocab");
     for (const Json& p : v.at("pieces").list()) r.vocab.pieces.push_back(p.string());
@@ -395,6 +406,26 @@ struct Request {
         throw Error(path + ": byte piece " + std::to_string(i) + " is not of the form <0xNN>");
     }
     return r;
+  }
+
+ private:
+  // The key names a file in the cache folder: 64 hex digits, nothing else (no path can sneak in).
+  static CachedImage cached_image(const Json& entry, const Request& r, const std::string& path) {
+    CachedImage image;
+    image.key = entry.at("key").string();
+    std::vector<int64_t> shape = entry.at("shape").integers();
+    bool hex = image.key.size() == 64 && std::all_of(image.key.begin(), image.key.end(), [](char c) {
+      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+    });
+    if (!hex || shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
+      throw Error(path + ": image_cache needs a key of 64 hex digits and a shape [tokens, dim]");
+    auto first_view = std::find_if(r.segments.begin(), r.segments.end(), [](const Segment& s) { return s.is_image(); });
+    if (first_view == r.segments.end()) throw Error(path + ": image_cache names an image, the request has none");
+    for (auto s = r.segments.begin(); s != first_view; ++s) image.start += int64_t(s->tokens.size());
+    image.tokens = shape[0], image.dim = shape[1];
+    if (image.tokens > r.sequence_length - image.start)
+      throw Error(path + ": the image part (" + std::to_string(image.tokens) + " tokens) runs past the sequence");
+    return image;
   }
 };
 

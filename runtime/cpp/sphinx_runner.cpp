@@ -1,18 +1,24 @@
 // sphinx_runner: answer one request (runtime/request.py) with a SPHINX ExecuTorch program.
 //
 //   sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N] [--ignore-eos]
+//                 [--cache-dir DIR [--cache-mb N]]
 //
 // Drives the program exactly as the Python runtime does (runtime/pipeline.py with the pte
 // backend), so the greedy tokens match: every view through `vision_encoder` in one batch, every
 // token id through `token_embedding` in one call, the spliced sequence prefilled through
 // `text_decoder` in one call at positions 0..L-1, then one token per call. Prints the answer,
 // then SPHINX_TEXT / SPHINX_TOKENS / SPHINX_STAT lines (README.md; benchmarks/device_output.py).
+// With --cache-dir, the encoded image part is kept there in the Python runtime's image cache
+// format (image_cache.h): a new question about the same image skips the vision encoder.
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -20,7 +26,9 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+#include "image_cache.h"
 #include "request.h"
+#include "sha256.h"
 
 #if __has_include(<executorch/extension/threadpool/threadpool.h>)
 #include <executorch/extension/threadpool/threadpool.h>
@@ -52,7 +60,7 @@ double ms_since(Clock::time_point t) {
 
 struct Runner {
   Module module;
-  int64_t dim = 0, vocab = 0, max_seq_len = 0, max_views = 0;
+  int64_t dim = 0, vocab = 0, max_seq_len = 0, max_views = 0, tokens_per_view = 0;
   std::vector<int32_t> view_shape;  // [3, tile + dino, tile]
 
   explicit Runner(const std::string& path) : module(path, Module::LoadMode::Mmap) {
@@ -74,6 +82,7 @@ struct Runner {
     dim = es[2];
     vocab = constant("get_vocab_size");
     max_seq_len = constant("get_max_seq_len");
+    tokens_per_view = constant("get_tokens_per_view");
   }
 
   static void check(executorch::runtime::Error e, const std::string& what) {
@@ -117,7 +126,7 @@ void check_match(Runner& r, const sphinx::Request& req) {
       throw Error(std::string("the request was made for another model: it expects ") + key + " = " +
                   std::to_string(w) + ", the program has " + std::to_string(have));
   };
-  expect("tokens_per_view", r.constant("get_tokens_per_view"));
+  expect("tokens_per_view", r.tokens_per_view);
   expect("tile_size", r.constant("get_tile_size"));
   expect("dino_size", r.constant("get_dino_size"));
   expect("skip_id", r.constant("get_skip_id"));
@@ -127,6 +136,9 @@ void check_match(Runner& r, const sphinx::Request& req) {
     if (s.is_image() && s.shape != r.view_shape)
       throw Error("an image view of the request has shape " + shape_str(s.shape) +
                   "; the program's vision_encoder takes " + shape_str(r.view_shape));
+  if (!req.image.key.empty() && req.image.dim != r.dim)
+    throw Error("the request was made for another model: its image part has dim " + std::to_string(req.image.dim) +
+                ", the program has " + std::to_string(r.dim));
   if (req.sequence_length >= r.max_seq_len)
     throw Error("the request's sequence (" + std::to_string(req.sequence_length) +
                 " tokens) does not fit the context (" + std::to_string(r.max_seq_len) + ")");
@@ -173,8 +185,13 @@ int64_t argmax(const float* x, int64_t n) {  // the first maximum, as numpy's ar
   std::fprintf(stderr,
                "sphinx_runner: %s\n"
                "usage: sphinx_runner PROGRAM.pte REQUEST.bin [--max-new-tokens N] [--threads N] [--ignore-eos]\n"
+               "                     [--cache-dir DIR [--cache-mb N]]\n"
                "       --ignore-eos: decode exactly the token budget, past EOS and stop strings (benchmarks)\n"
+               "       --cache-dir: keep encoded images in DIR (shared with the Python runtime's --cache-dir):\n"
+               "                    a new question about a cached image skips the vision encoder;\n"
+               "                    --cache-mb bounds DIR (default 512), least recently used go first\n"
                "       sphinx_runner --detokenize REQUEST.bin ID...   (print the text of ids; for tests)\n"
+               "       sphinx_runner --sha256 FILE...                 (print their SHA-256; for tests)\n"
                "Write REQUEST.bin with: sphinx-edge request EXPORT_DIR --image IMG Q --out REQUEST.bin\n",
                why);
   std::exit(2);
@@ -194,19 +211,33 @@ int run(int argc, char** argv) {
     std::printf("SPHINX_TEXT %s\n", json_string(sphinx::Request::load(argv[2]).vocab.decode(ids)).c_str());
     return 0;
   }
+  if (argc >= 2 && std::string(argv[1]) == "--sha256") {
+    for (int i = 2; i < argc; ++i) {
+      std::ifstream f(argv[i], std::ios::binary);
+      if (!f) throw Error(std::string("cannot open ") + argv[i]);
+      std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      std::printf("%s\n", sphinx::Sha256::hex(bytes.data(), bytes.size()).c_str());
+    }
+    return 0;
+  }
   std::vector<std::string> files;
-  int64_t max_new_override = 0, threads = 0;
+  std::string cache_dir;
+  int64_t max_new_override = 0, threads = 0, cache_mb = 0;
   bool ignore_eos = false;  // benchmarks: every run decodes the same number of tokens
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--max-new-tokens") max_new_override = positive("--max-new-tokens", i + 1 < argc ? argv[++i] : nullptr);
     else if (a == "--threads") threads = positive("--threads", i + 1 < argc ? argv[++i] : nullptr);
+    else if (a == "--cache-mb") cache_mb = positive("--cache-mb", i + 1 < argc ? argv[++i] : nullptr);
+    else if (a == "--cache-dir" && i + 1 < argc && *argv[i + 1]) cache_dir = argv[++i];
+    else if (a == "--cache-dir") usage("--cache-dir takes a folder");
     else if (a == "--ignore-eos") ignore_eos = true;
     else if (a == "-h" || a == "--help") usage("answer one SPHINX request with an ExecuTorch program");
     else if (a.rfind("--", 0) == 0) usage(("unknown option " + a).c_str());
     else files.push_back(a);
   }
   if (files.size() != 2) usage("expected PROGRAM.pte and REQUEST.bin");
+  if (cache_mb && cache_dir.empty()) usage("--cache-mb bounds --cache-dir: give both");
   if (FILE* f = std::fopen(files[0].c_str(), "rb")) std::fclose(f);
   else throw Error("cannot open the program " + files[0]);
 
@@ -222,14 +253,28 @@ int run(int argc, char** argv) {
   const std::set<int64_t> eos_set(eos.begin(), eos.end());
   double load_ms = ms_since(t_load);
 
-  // Vision: the views in batches of the program's bound (one view per call in our exports, as in Python).
-  auto t_vision = Clock::now();
   std::vector<const sphinx::Segment*> views;
   for (const auto& s : req.segments)
     if (s.is_image()) views.push_back(&s);
+
+  // The image part from the cache, when it holds a sound entry for this image: no view is encoded.
+  auto t_start = Clock::now();
+  const sphinx::CachedImage& part = req.image;
+  std::optional<sphinx::ImageCache> cache;
+  if (!cache_dir.empty() && !part.key.empty())
+    cache.emplace(cache_dir, cache_mb ? uint64_t(cache_mb) << 20 : sphinx::ImageCache::kDefaultBytes);
+  else if (!cache_dir.empty() && !views.empty())
+    std::fprintf(stderr, "sphinx_runner: the request names no image cache key (written by an older sphinx-edge); "
+                         "the image is not cached\n");
+  std::vector<float> cached;  // [image tokens, dim]
+  const bool image_cached = cache && cache->get(part.key, part.tokens, r.dim, cached);
+
+  // Vision: the views in batches of the program's bound (one view per call in our exports, as in Python).
+  auto t_vision = Clock::now();
   const int64_t view_numel = int64_t(r.view_shape[0]) * r.view_shape[1] * r.view_shape[2];
+  const int64_t per_view = r.tokens_per_view;
   std::vector<float> view_embeds;  // [views, tokens_per_view, dim]
-  for (size_t first = 0; first < views.size(); first += r.max_views) {
+  for (size_t first = 0; !image_cached && first < views.size(); first += r.max_views) {
     size_t n = std::min<size_t>(r.max_views, views.size() - first);
     std::vector<float> pixels(n * view_numel);
     for (size_t i = 0; i < n; ++i) std::copy_n(views[first + i]->pixels, view_numel, pixels.begin() + i * view_numel);
@@ -237,7 +282,11 @@ int run(int argc, char** argv) {
                                                                            r.view_shape[1], r.view_shape[2]})});
     view_embeds.insert(view_embeds.end(), out.begin(), out.end());
   }
-  double vision_ms = ms_since(t_vision);
+  if (!image_cached && int64_t(view_embeds.size()) != int64_t(views.size()) * per_view * r.dim)
+    throw Error("vision_encoder gave " + std::to_string(view_embeds.size()) + " floats for " +
+                std::to_string(views.size()) + " views; the program declares " + std::to_string(per_view) +
+                " tokens per view of dim " + std::to_string(r.dim));
+  double vision_ms = image_cached ? 0.0 : ms_since(t_vision);
 
   // Prefill: embed every token id in one call, splice the views in, one decoder call.
   auto t_prefill = Clock::now();
@@ -247,27 +296,42 @@ int run(int argc, char** argv) {
   if (!ids.empty())
     token_embeds = r.first_output("token_embedding",
                                   {from_blob(ids.data(), {1, int32_t(ids.size())}, ScalarType::Long)});
-  const int64_t per_view = views.empty() ? 0 : int64_t(view_embeds.size()) / r.dim / int64_t(views.size());
   std::vector<float> sequence;
   size_t next_token = 0, next_view = 0;
   for (const auto& s : req.segments) {
+    size_t rows = s.is_image() ? per_view : s.tokens.size();
+    if (s.is_image() && image_cached) {  // room for the view; the cached image part goes over it below
+      sequence.resize(sequence.size() + rows * r.dim);
+      continue;
+    }
     const float* from = s.is_image() ? view_embeds.data() + next_view++ * per_view * r.dim
                                      : token_embeds.data() + next_token * r.dim;
-    size_t rows = s.is_image() ? per_view : s.tokens.size();
     next_token += s.tokens.size();
     sequence.insert(sequence.end(), from, from + rows * r.dim);
   }
   int64_t length = int64_t(sequence.size()) / r.dim;
   if (length != req.sequence_length)
     throw Error("the spliced sequence has " + std::to_string(length) + " positions, the request says " +
-                std::to_string(req.sequence_length) + " (vision_encoder gives " + std::to_string(per_view) +
+                std::to_string(req.sequence_length) + " (the program has " + std::to_string(per_view) +
                 " tokens per view)");
+  // The views and the skip embeddings between them, as the cache holds them (request.h: CachedImage).
+  if (image_cached) std::copy(cached.begin(), cached.end(), sequence.begin() + part.start * r.dim);
   std::vector<int64_t> positions(length);
   for (int64_t i = 0; i < length; ++i) positions[i] = i;
   auto logits = r.first_output("text_decoder", {from_blob(sequence.data(), {1, int32_t(length), int32_t(r.dim)}),
                                                 from_blob(positions.data(), {int32_t(length)}, ScalarType::Long)});
   double prefill_ms = ms_since(t_prefill);
-  double ttft_ms = ms_since(t_vision);
+  double ttft_ms = ms_since(t_start);
+
+  // Kept for the next question about this image, outside the timed stages. A folder that cannot be
+  // written costs the next run its shortcut, not this answer.
+  if (cache && !image_cached) {
+    try {
+      cache->put(part.key, sequence.data() + part.start * r.dim, part.tokens, r.dim, int64_t(views.size()));
+    } catch (const Error& e) {
+      std::fprintf(stderr, "sphinx_runner: warning: %s\n", e.what());
+    }
+  }
 
   // Greedy decoding, as sphinx_edge.decoding.decode_loop: EOS, a stop string, or the budget.
   int64_t budget = std::min(max_new_override ? max_new_override : req.max_new_tokens, r.max_seq_len - length);
@@ -309,10 +373,11 @@ int run(int argc, char** argv) {
   std::printf("SPHINX_TOKENS");
   for (int64_t t : generated) std::printf(" %lld", static_cast<long long>(t));
   std::printf("\nSPHINX_STAT load_ms=%.3f vision_ms=%.3f views=%zu prefill_ms=%.3f prefill_tokens=%lld ttft_ms=%.3f "
-              "decode_ms=%.3f decode_tokens=%lld generated_tokens=%zu stop=%s threads=%zu peak_rss_kb=%ld\n",
+              "decode_ms=%.3f decode_tokens=%lld generated_tokens=%zu stop=%s threads=%zu peak_rss_kb=%ld "
+              "image_cached=%d\n",
               load_ms, vision_ms, views.size(), prefill_ms, static_cast<long long>(length), ttft_ms, decode_ms,
               static_cast<long long>(decode_calls), generated.size(), stop_reason.c_str(),
-              pool ? pool->get_thread_count() : size_t(1), peak_rss_kb());
+              pool ? pool->get_thread_count() : size_t(1), peak_rss_kb(), int(image_cached));
   return 0;
 }
 

@@ -2,7 +2,8 @@
 for this machine and cross-built for aarch64 (run under qemu-user), on the SPHINX-Nano int4 export.
 
 Builds go through runtime/cpp/build.sh into build/cpp-<arch> (incremental). The export is conftest's
-`nano_int4_pte`, made once per session.
+`nano_int4_pte`, made once per session. The image cache (`--cache-dir`) is shared with the Python
+runtime: each reads the other's entries.
 Each test that lacks a tool skips and says which one and how to get it.
 """
 
@@ -20,7 +21,10 @@ import pytest
 
 from conftest import missing_tool, run_torch_free
 from sphinx_edge.benchmarks.device_output import RunnerOutputError, parse_runner_output
-from sphinx_edge.runtime.request import ALIGN, MAGIC, read_request_header, write_request
+from sphinx_edge.runtime.image_cache import ImageCache, export_key, image_key
+from sphinx_edge.runtime.image_cache import MAGIC as IMAGE_MAGIC
+from sphinx_edge.runtime.request import (ALIGN, MAGIC, decode_request, encode_request, read_request_header,
+                                         write_request)
 
 ROOT = Path(__file__).resolve().parents[2]
 CPP = ROOT / "runtime" / "cpp"
@@ -194,5 +198,153 @@ def test_request_file_is_written_torch_free(nano_export, tmp_path):
     assert [i["shape"] for i in images] == [[3, 184, 128]] * 3 and images[1]["offset"] == 3 * 184 * 128 * 4
     assert header["segments"][-1]["tokens"][:2] == [header["program"]["skip_id"]] * 2  # the padded tiles
     assert header["max_new_tokens"] == 8 and header["stop_strings"] == ["\n###"]
+    manifest = json.loads((nano_export / "manifest.json").read_text())  # the key Pipeline(.., "pte") uses
+    layout = manifest["model"]["config"]["layout"]
+    key = image_key(export_key(manifest, ["program.pte"]), ASSETS / "shapes_2x1.png", layout)
+    assert header["image_cache"] == {"key": key, "shape": [3 * 19 + 2, 256]}  # 3 views of 19 tokens, 2 skips
     vocab = header["vocab"]
     assert len(vocab["pieces"]) == len(vocab["kinds"]) and vocab["kinds"].count("b") == 256  # byte fallback
+
+
+# -- the image cache (--cache-dir) ------------------------------------------------------------
+
+CACHED = CASES[1]  # shapes_2x1.png: its image part holds skip embeddings between and after the views
+
+
+def _cached_run(runner: list[str], export: Path, request: Path, cache: Path, *args) -> tuple[dict, bool, str]:
+    """The parsed answer, whether the image came from the cache, and stderr less ExecuTorch's log."""
+    proc = _run(runner, export / "program.pte", request, "--cache-dir", cache, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stat = [line for line in proc.stdout.splitlines() if line.startswith("SPHINX_STAT ")][-1]
+    cached = dict(f.split("=", 1) for f in stat.split()[1:])["image_cached"]
+    notes = "".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith("sphinx_runner"))
+    return parse_runner_output(proc.stdout), cached == "1", notes
+
+
+def _entry(request: Path) -> str:
+    return read_request_header(request)["image_cache"]["key"] + ".img"
+
+
+def _read_entry(path: Path) -> tuple[dict, np.ndarray]:
+    raw = path.read_bytes()
+    assert raw.startswith(IMAGE_MAGIC)
+    size = int.from_bytes(raw[len(IMAGE_MAGIC):len(IMAGE_MAGIC) + 4], "little")
+    header = json.loads(raw[len(IMAGE_MAGIC) + 4:len(IMAGE_MAGIC) + 4 + size])
+    return header, np.frombuffer(raw[len(IMAGE_MAGIC) + 4 + size:], np.float32).reshape(header["shape"])
+
+
+def test_sha256_matches_hashlib(native_runner, tmp_path):
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    files = []  # every padding case: empty, around one block's 55/56/64 bytes, several blocks
+    for n in (0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (1 << 20) + 7):
+        files.append(tmp_path / f"f{n}")
+        files[-1].write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    out = _run(native_runner, "--sha256", *files).stdout.split()
+    assert out == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+
+def test_runner_keeps_the_encoded_image(native_runner, nano_export, requests, reference, tmp_path):
+    image, request = CACHED[0], requests[CACHED[0]]
+    first, cached, notes = _cached_run(native_runner, nano_export, request, tmp_path)
+    _check(first, reference[image])
+    entry = tmp_path / _entry(request)
+    assert not cached and notes == ""
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # and no temporary file left
+    header, embeds = _read_entry(entry)
+    assert header["shape"] == [reference[image].image_tokens, 256] and header["info"] == {"views": 3.0}
+    assert ImageCache(tmp_path).get(entry.stem)[1] == {"views": 3.0}  # Python reads it
+
+    os.utime(entry, (1, 1))
+    second, cached, notes = _cached_run(native_runner, nano_export, request, tmp_path)
+    assert cached and notes == "" and second["stages"]["vision"] == 0
+    _check(second, reference[image])
+    assert second["token_ids"] == first["token_ids"] and entry.stat().st_mtime > 1  # used: most recent
+
+
+def test_python_and_cpp_read_each_others_entries(native_runner, nano_export, requests, reference, tmp_path):
+    from sphinx_edge.runtime.pipeline import Pipeline
+
+    image, question = CACHED
+    by_python, by_cpp = tmp_path / "python", tmp_path / "cpp"
+    Pipeline(nano_export, "pte", cache_dir=by_python).answer(question, ASSETS / image, max_new_tokens=MAX_NEW)
+    got, cached, _ = _cached_run(native_runner, nano_export, requests[image], by_python)
+    assert cached
+    _check(got, reference[image])
+
+    assert not _cached_run(native_runner, nano_export, requests[image], by_cpp)[1]
+    pipeline = Pipeline(nano_export, "pte", cache_dir=by_cpp)
+    answer = pipeline.answer(question, ASSETS / image, max_new_tokens=MAX_NEW)
+    assert answer.timings.get("image_cached") == 1.0 and pipeline.image_cache.refused == []
+    assert answer.token_ids == reference[image].token_ids
+    (ph, pe), (ch, ce) = (_read_entry(d / _entry(requests[image])) for d in (by_python, by_cpp))
+    assert {k: v for k, v in ph.items() if k != "sha256"} == {k: v for k, v in ch.items() if k != "sha256"}
+    np.testing.assert_allclose(ce, pe, rtol=1e-5, atol=1e-5)  # the same encoder, up to thread timing
+
+
+def _corrupt(entry: Path, how: str) -> None:
+    raw = bytearray(entry.read_bytes())
+    if how == "flipped":
+        raw[-100] ^= 0x40
+    elif how == "truncated":
+        del raw[-1000:]
+    elif how == "magic":
+        raw[:4] = b"JUNK"
+    else:  # a sound entry of another shape (the same bytes as [dim, tokens])
+        header, embeds = _read_entry(entry)
+        ImageCache(entry.parent).put(entry.stem, embeds.reshape(embeds.shape[::-1]), header["info"])
+        return
+    entry.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how, why", [("flipped", "its checksum does not match"), ("truncated", "cut short"),
+                                      ("magic", "not a sphinx-edge image cache entry"),
+                                      ("shape", "its shape is not the [59, 256] this request needs")])
+def test_corrupt_cache_entries_are_refused_removed_and_recomputed(native_runner, nano_export, requests,
+                                                                  reference, tmp_path, how, why):
+    image, request = CACHED[0], requests[CACHED[0]]
+    _cached_run(native_runner, nano_export, request, tmp_path)
+    entry = tmp_path / _entry(request)
+    good_header, good_embeds = _read_entry(entry)
+    _corrupt(entry, how)
+    got, cached, notes = _cached_run(native_runner, nano_export, request, tmp_path)
+    assert not cached and notes.count("\n") == 1, notes  # one line says so
+    assert f"refused the cached image {entry} ({why}" in notes, notes
+    _check(got, reference[image])
+    header, embeds = _read_entry(entry)  # encoded again and written afresh
+    assert header["shape"] == good_header["shape"] and header["info"] == good_header["info"]
+    np.testing.assert_allclose(embeds, good_embeds, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_folder_is_bounded_least_recently_used_first(native_runner, nano_export, requests, tmp_path):
+    old, older, other = tmp_path / ("a" * 64 + ".img"), tmp_path / ("b" * 64 + ".img"), tmp_path / "notes.txt"
+    for path, size, mtime in ((older, 700_000, 1000), (old, 300_000, 2000), (other, 900_000, 1000)):
+        path.write_bytes(bytes(size))
+        os.utime(path, (mtime, mtime))
+    _cached_run(native_runner, nano_export, requests[CACHED[0]], tmp_path, "--cache-mb", 1)
+    # 700 kB + 300 kB + the new 60 kB entry pass 1 MiB: the least recently used goes, the rest fit.
+    kept = sorted([old.name, other.name, _entry(requests[CACHED[0]])])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_runner_without_a_cache_key_or_folder_does_not_cache(native_runner, nano_export, requests, reference,
+                                                             tmp_path):
+    from sphinx_edge.runtime.pipeline import Pipeline
+
+    image = CACHED[0]
+    header, segments = decode_request(requests[image].read_bytes())
+    old = tmp_path / "old.bin"  # as a request written before the image cache: no image_cache field
+    old.write_bytes(encode_request(Pipeline(nano_export, backend=None), segments, header["max_new_tokens"]))
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        got, cached, notes = _cached_run(native_runner, nano_export, old, cache)
+        assert not cached and "names no image cache key" in notes
+        _check(got, reference[image])
+    got, cached, notes = _cached_run(native_runner, nano_export, requests["text-only"], cache)
+    assert not cached and notes == ""  # text only: nothing to cache, nothing to say
+    assert not cache.exists() or not any(cache.iterdir())
+
+    proc = _run(native_runner, nano_export / "program.pte", requests[image])  # no --cache-dir: as before
+    assert proc.returncode == 0 and "image_cached=0" in proc.stdout
+    _check(parse_runner_output(proc.stdout), reference[image])
