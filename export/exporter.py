@@ -43,7 +43,7 @@ def context_length(config: SphinxConfig, requested: int | None = None) -> int:
     its decoder attends to all of them at every step, so a context sized to the use beats the
     model's maximum: by default the longest image plus a conversation, rounded up to a power of two,
     at most the model's own (SPHINX-Tiny: 1295 + 512 -> 2048 of 4096)."""
-    limit, longest_image = config.llm.max_seq_len, (config.grid**2 + 1) * config.tokens_per_view
+    limit, longest_image = config.llm.max_seq_len, config.max_image_tokens
     if requested is None:
         return min(limit, 1 << (longest_image + CONVERSATION_TOKENS - 1).bit_length())
     if requested > limit:

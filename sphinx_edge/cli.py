@@ -117,13 +117,16 @@ def info(
     if size:
         _describe(configs[0])
     table = Table(title="SPHINX-X sizes (parameters)")
-    for col in ("size", "LLM backbone", "LLM", "ConvNeXt", "DINOv2", "total", "layout"):
+    parts = {"llm": "LLM", "clip": "CLIP", "convnext": "ConvNeXt", "dinov2": "DINOv2", "qformer": "Q-Former",
+             "total": "total"}
+    if not any(c.clip or c.qformer for c in configs):  # two-expert sizes only: no empty columns
+        del parts["clip"], parts["qformer"]
+    for col in ("size", "LLM backbone", *parts.values(), "layout"):
         table.add_column(col, justify="left" if col in ("size", "LLM backbone", "layout") else "right")
     for c in configs:
         n = parameter_counts(c)
         backbone = f"{c.llm.family} {c.llm.dim}x{c.llm.n_layers}" + (f" {c.llm.n_experts}E" if c.llm.n_experts else "")
-        table.add_row(c.name, backbone, _billions(n["llm"]), _billions(n["convnext"]), _billions(n["dinov2"]),
-                      _billions(n["total"]), c.layout)
+        table.add_row(c.name, backbone, *(_billions(n[k]) if k in n else "-" for k in parts), c.layout)
     console.print(table)
 
 
@@ -134,14 +137,26 @@ def _describe(c) -> None:
         "LLM": f"{llm.family}: dim {llm.dim}, {llm.n_layers} layers, {llm.n_heads} heads ({llm.n_kv_heads} kv), "
         f"FFN {llm.ffn_dim}, vocab {llm.vocab_size}, rope theta {llm.rope_theta:g}, context {llm.max_seq_len}",
         "experts": f"{llm.n_experts}, top-{llm.n_experts_per_tok}" if llm.n_experts else "dense",
-        "ConvNeXt": f"depths {c.convnext.depths}, dims {c.convnext.dims}, {c.convnext.image_size} px views",
+        "ConvNeXt": f"depths {c.convnext.depths}, dims {c.convnext.dims}, {c.convnext.image_size} px views"
+        + (f" read as {c.convnext.input_size} px" if c.convnext.input_size else "")
+        + (f", tokens repeated {c.convnext.token_upsample}x{c.convnext.token_upsample}"
+           if c.convnext.token_upsample > 1 else ""),
         "DINOv2": f"dim {c.dinov2.embed_dim}, depth {c.dinov2.depth}, {c.dinov2.n_heads} heads, "
         f"patch {c.dinov2.patch_size}, FFN {c.dinov2.ffn} {c.dinov2.ffn_hidden}, {c.dinov2.image_size} px views",
-        "projector": f"Linear({c.vision_dim}, {llm.dim}) + LayerNorm, {_billions(n['projector'])} params with "
-        "start/end" + ("/skip" if c.layout == "sphinx-x" else ""),
-        "image tokens": f"{c.tokens_per_view} per view, {(c.grid**2 + 1) * c.tokens_per_view} with every tile "
-        f"({c.layout}, grid {c.grid})",
     }
+    if c.clip is not None:
+        rows["CLIP"] = (f"ViT width {c.clip.width}, {c.clip.layers} layers, {c.clip.heads} heads, patch "
+                        f"{c.clip.patch_size}, {'QuickGELU' if c.clip.quick_gelu else 'GELU'}, the DINOv2 views")
+    if c.qformer is not None:
+        q = c.qformer
+        rows["Q-Former"] = (f"vision dim {q.vision_dim}, {q.vision_layers} layers; Q-Former dim {q.qformer_dim}, "
+                            f"{q.qformer_layers} layers, {q.n_queries} queries, the DINOv2 views")
+    rows["projector"] = (f"Linear({c.vision_dim}, {llm.dim}) + LayerNorm"
+                         + (f", Q-Former Linear({c.qformer.qformer_dim}, {llm.dim}) + LayerNorm" if c.qformer else "")
+                         + f", {_billions(n['projector'])} params with start/end"
+                         + ("/skip" if c.layout == "sphinx-x" else ""))
+    rows["image tokens"] = (f"{c.tokens_per_view} per view, {c.max_image_tokens} with every tile "
+                            f"({c.layout}, grid {c.grid}, {c.views_per_image} view{'s' if c.views_per_image > 1 else ''})")
     table = Table(title=f"{c.name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -172,7 +187,7 @@ def tiles(
     table = Table(title=f"tiling for {size} ({layout}, grid {cfg.grid})")
     for col in ("image", "size", "encoded tiles", "skipped", "views", "image tokens", "vs all tiles"):
         table.add_column(col)
-    full = (cfg.grid**2 + 1) * cfg.tokens_per_view
+    full = cfg.max_image_tokens
     unreadable = []
     for path in images:
         try:

@@ -8,8 +8,9 @@ library may be imported here.
           --make_views--> ConvNeXt views [N, 3, tile, tile], DINOv2 views [N, 3, dino, dino]
 
 Two layouts: "sphinx-1k" (pad to a centred square, resize to the canvas; all 4 tiles encoded,
-parity with the released 1k checkpoints) and "sphinx-x" (resize the image into the top-left
-corner of a g x g tile canvas; fully padded tiles are replaced by one skip token each).
+parity with the released checkpoints; on a 1x1 grid the global view alone, as the one-view SPHINX
+and SPHINX-MoE) and "sphinx-x" (resize the image into the top-left corner of a g x g tile canvas;
+fully padded tiles are replaced by one skip token each).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import LAYOUTS
+from .config import LAYOUTS, layout_tiles
 
 PAD_RGB = (122, 116, 104)  # int(255 * CLIP mean), as LLaMA2-Accessory pads: normalises to ~0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -199,7 +200,7 @@ class TilePlan:
     image_size: tuple[int, int]  # original (w, h)
     canvas_size: int  # grid * tile_size
     content_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the image pixels on the canvas
-    encoded: tuple[bool, ...]  # per tile, row-major: True = encoded, False = skip token
+    encoded: tuple[bool, ...]  # per tile, row-major: True = encoded, False = skip token (sphinx-1k 1x1: none)
 
     @property
     def view_tiles(self) -> tuple[int, ...]:
@@ -244,13 +245,14 @@ def plan_tiles(
     w, h, grid, tile_size, dino_size = (operator.index(args[k]) for k in ("width", "height", "grid", "tile_size", "dino_size"))
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    if layout == "sphinx-1k" and grid != 2:
-        raise ValueError(f"the sphinx-1k layout has a 2x2 grid, got grid={grid}")
+    if layout == "sphinx-1k" and grid not in (1, 2):
+        raise ValueError(f"the sphinx-1k layout has a 2x2 grid (or 1: the global view alone), got grid={grid}")
     canvas = grid * tile_size
     if layout == "sphinx-1k":
         # The image sits centred in an S x S square that is scaled by canvas / S. The box is the
         # image's scaled float edges rounded outward (exact integer arithmetic); bicubic
-        # resampling blends the edge pixels with the padding anyway. Every tile is encoded.
+        # resampling blends the edge pixels with the padding anyway. Every tile is encoded; a 1x1
+        # grid has none (its one tile would be the global view again).
         side = max(w, h)
         ox, oy = (side - w) // 2, (side - h) // 2
         box = (
@@ -259,7 +261,7 @@ def plan_tiles(
             _ceil_div((ox + w) * canvas, side),
             _ceil_div((oy + h) * canvas, side),
         )
-        encoded = (True,) * (grid * grid)
+        encoded = (True,) * layout_tiles(layout, grid)
     else:
         new_w, new_h = fit_size(w, h, canvas)
         box = (0, 0, new_w, new_h)
@@ -382,10 +384,22 @@ def normalize(canvas: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def clip_to_imagenet() -> tuple[np.ndarray, np.ndarray]:
+    """(gain, shift) float32 [3, 1, 1]: CLIP-normalised pixels x -> x * gain + shift in ImageNet
+    statistics, as DINOv2 reads them (the four-expert models undo it for CLIP and the Q-Former)."""
+    clip_mean, clip_std = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
+    in_mean, in_std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    gain = (clip_std / in_std).astype(np.float32)[:, None, None]
+    shift = ((clip_mean - in_mean) / in_std).astype(np.float32)[:, None, None]
+    return gain, shift
+
+
 def make_views(image: Image.Image, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
     """(ConvNeXt views [n_views, 3, tile, tile], DINOv2 views [n_views, 3, dino, dino]) float32.
 
-    View order: the global view, then the encoded tiles row-major (plan.view_tiles).
+    View order: the global view, then the encoded tiles row-major (plan.view_tiles). The four-expert
+    models' CLIP and Q-Former read the DINOv2 views (CLIP-normalised again, in the model). The
+    reference resamples in fp16 (`F.interpolate(x.half(), ...)`); these are float32.
     """
     x = normalize(make_canvas(image, plan))
     tile, dino = plan.tile_size, plan.dino_size
@@ -396,13 +410,10 @@ def make_views(image: Image.Image, plan: TilePlan) -> tuple[np.ndarray, np.ndarr
     # ConvNeXt: the global view is resampled; the tiles are raw crops of the canvas.
     convnext = np.stack([resize_bicubic(x, tile, tile), *crops(x, tile)])
     # DINOv2: the tiles are crops of the canvas resampled to grid * dino.
-    dino_grid = resize_bicubic(x, plan.grid * dino, plan.grid * dino)
+    dino_grid = resize_bicubic(x, plan.grid * dino, plan.grid * dino) if plan.view_tiles else x
     dinov2 = np.stack([resize_bicubic(x, dino, dino), *crops(dino_grid, dino)])
     # Re-normalise CLIP -> ImageNet statistics in place of a second pass from the pixels.
-    clip_mean, clip_std = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
-    in_mean, in_std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
-    gain = (clip_std / in_std).astype(np.float32)[:, None, None]
-    shift = ((clip_mean - in_mean) / in_std).astype(np.float32)[:, None, None]
+    gain, shift = clip_to_imagenet()
     return convnext, dinov2 * gain + shift
 
 

@@ -596,3 +596,20 @@ def test_load_errors(tmp_path):
     with pytest.raises(ImageLoadError, match="zero dimension"):
         load_image(Image.new("RGB", (0, 5)))
     assert issubclass(ImageLoadError, ValueError)
+
+
+@pytest.mark.parametrize("tile, dino", [(28, 28), (64, 28)])  # llama_ens (224 / 224), mixtral_sparse_ens (512 / 224)
+def test_sphinx_1k_on_a_1x1_grid_is_the_global_view_alone(tile, dino):
+    """The one-view SPHINX and SPHINX-MoE: pad to a square, resize to the canvas (one tile); that canvas is
+    ConvNeXt's view as is and, resized bicubic, DINOv2's (CLIP's and the Q-Former's)."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (61, 90, 3), dtype=np.uint8))
+    plan = plan_tiles(90, 61, layout="sphinx-1k", grid=1, tile_size=tile, dino_size=dino)
+    assert plan.canvas_size == tile and plan.encoded == () and plan.n_views == 1 and plan.n_skipped == 0
+    assert plan.n_image_tokens(291) == 291 and image_segments(plan) == [("view", 0)]
+    assert plan_tiles(90, 61, layout="sphinx-1k", grid=1, tile_size=tile, max_views=1).n_views == 1
+    convnext, dinov2 = make_views(image, plan)
+    x = normalize(make_canvas(image, plan))
+    assert convnext.shape == (1, 3, tile, tile) and dinov2.shape == (1, 3, dino, dino)
+    np.testing.assert_array_equal(convnext[0], x)
+    np.testing.assert_allclose(dinov2[0], to_dinov2(torch_bicubic(x, dino, dino)), atol=1e-5, rtol=0)

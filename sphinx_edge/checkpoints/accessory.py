@@ -3,11 +3,17 @@ tensor-parallel shards; write.
 
 A directory holds `meta.json` ({"llama_type": ...}), `config.json` (model args),
 `tokenizer.model` and `consolidated.{rank:02d}-of-{mp:02d}.model.pth` files of `{"model": state}`
-with `llma.`-prefixed keys. Shards split column-parallel weights (wq, wk, wv, w1, w3, output) on
-dim 0, row-parallel ones (wo, w2) and the embedding on dim 1; everything else is replicated.
-Accessory's sparse Mixtral stacks experts as [E * hidden / mp, dim] for w1, w2 and w3 alike
-(w2 transposed), merged per expert (`_sparse_expert_merge` in mixtral_sparse_ens5.py).
-Accessory rotates interleaved RoPE pairs; q/k rows are permuted to our rotate-half form.
+with `llma.`-prefixed keys. Shards split the LLM's column-parallel weights (wq, wk, wv, w1, w3, output)
+on dim 0, its row-parallel ones (wo, w2) and the embedding on dim 1; everything else is replicated:
+the visual encoders, `visual_proj`, `qformer_proj` (plain nn.Linear in the reference) and the
+special embeddings. Accessory's sparse Mixtral stacks experts as [E * hidden / mp, dim] for w1, w2
+and w3 alike (w2 transposed), merged per expert (`_sparse_expert_merge` in mixtral_sparse_ens5.py);
+its router `gate` is replicated. Accessory rotates interleaved RoPE pairs; q/k rows are permuted to
+our rotate-half form.
+
+The encoders' keys: `openclip_convnext_xxl.` (timm), `dinov2_vitg14.` (hub) and, in the four-expert
+types, `clip.visual.` (open_clip; the rest of `clip.` is the text tower's leftovers, which SPHINX
+never runs and we drop) and `qformer.` (transformers' Blip2Model without its language model).
 """
 
 from __future__ import annotations
@@ -29,16 +35,17 @@ from sphinx_edge.checkpoints.convert import (
 )
 from sphinx_edge.checkpoints.strict import CheckpointError
 from sphinx_edge.checkpoints.infer import infer_config
-from sphinx_edge.config import SphinxConfig, get_config
+from sphinx_edge.config import RELEASED, SphinxConfig, get_config, released_config
 from sphinx_edge.io import atomic_path, write_text_atomic
 
-# llama_type -> LLM family, for the two-expert ("light") Mixture of Visual experts we implement.
-LIGHT_TYPES = {"llama_ens5_light": "llama", "internlm_ems5_light": "internlm2"}
-# The four-expert ensembles (+ CLIP ViT-L/14 and a BLIP-2 Q-Former) of the released Plus and MoE.
-FULL_ENSEMBLE_TYPES = ("llama_ens", "llama_ens5", "llama_ens10", "mixtral_sparse_ens", "mixtral_sparse_ens5")
-
 SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.pth$")
-ENCODER_PREFIXES = {"openclip_convnext_xxl.": "convnext.", "dinov2_vitg14.": "dinov2."}
+# Accessory's encoder prefixes -> ours (after `llma.`).
+ENCODER_PREFIXES = {"openclip_convnext_xxl.": "convnext.", "dinov2_vitg14.": "dinov2.", "clip.visual.": "clip.",
+                    "qformer.": "qformer."}
+# open_clip's text tower minus its transformer (which the reference sets to None): stored, never run.
+CLIP_TEXT_LEFTOVERS = ("clip.token_embedding.", "clip.positional_embedding", "clip.ln_final.", "clip.text_projection",
+                       "clip.logit_scale", "clip.attn_mask")
+LLM_KEYS = ("llma.layers.", "llma.tok_embeddings.", "llma.output.")  # the only tensor-parallel ones
 DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wqkv.weight",
         "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
 DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
@@ -70,6 +77,8 @@ def _shard_files(path: Path) -> list[Path]:
 
 def _merge_rule(key: str, n_experts: int):
     """How shards of `key` combine: a concat dim, 'experts' or None (replicated)."""
+    if not key.startswith(LLM_KEYS):
+        return None
     if n_experts and key.endswith(SPARSE_EXPERTS):
         return "experts"
     if key.endswith(DIM0):
@@ -108,26 +117,27 @@ def split_shards(state: dict[str, torch.Tensor], mp: int, n_experts: int = 0) ->
     return shards
 
 
-def _family(path: Path, meta: dict, state: dict, size: str | None) -> str:
-    """The LLM family of a light (ConvNeXt + DINOv2) checkpoint; refuses the four-expert ones."""
+def _family(path: Path, meta: dict, size: str | None) -> str:
+    """The LLM family of a llama_type we read (the registered released model of that type says)."""
     llama_type = meta.get("llama_type", "")
-    if llama_type in FULL_ENSEMBLE_TYPES or any(k.startswith(("llma.clip.", "llma.qformer.")) for k in state):
-        raise CheckpointError(
-            f"{path} is a '{llama_type}' checkpoint: its Mixture of Visual experts also has CLIP ViT-L/14 "
-            "and a BLIP-2 Q-Former, which sphinx-edge does not implement yet (it implements the "
-            "ConvNeXt + DINOv2 'light' ensemble of SPHINX-Tiny)"
-        )
-    family = LIGHT_TYPES.get(llama_type)
-    if family is None:
+    released = released_config(llama_type)
+    if released is None:
         raise CheckpointError(
             f"{path}: llama_type {llama_type!r} is not a SPHINX model sphinx-edge reads "
-            f"(known: {', '.join(LIGHT_TYPES)})"
+            f"(known: {', '.join(RELEASED)})"
         )
+    family = released.llm.family
     if size and get_config(size).llm.family != family:
         raise CheckpointError(
             f"{path} is a {family} model ({llama_type}), but size {size!r} is a {get_config(size).llm.family} model"
         )
     return family
+
+
+def _n_experts(state: dict[str, torch.Tensor]) -> int:
+    """Mixtral's experts per layer (the router's rows); 0 for a dense LLM."""
+    gate = state.get("llma.layers.0.feed_forward.gate.weight")
+    return 0 if gate is None else gate.shape[0]
 
 
 def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
@@ -141,7 +151,9 @@ def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[s
         enc = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
         if enc:
             out[ENCODER_PREFIXES[enc] + key[len(enc):]] = t
-        elif key.startswith(("visual_proj.", "start_img", "end_img", "skip")):
+        elif key.startswith(CLIP_TEXT_LEFTOVERS):
+            continue
+        elif key.startswith(("visual_proj.", "qformer_proj.", "start_img", "end_img", "skip")):
             out[key] = t
         elif m := re.match(r"layers\.(\d+)\.attention\.(wq|wk|wv)\.weight$", key):
             qkv.setdefault(m[1], {})[m[2]] = t
@@ -203,8 +215,8 @@ def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
         if not isinstance(shard, dict) or not isinstance(shard.get("model"), dict):
             raise CheckpointError(f"{file} does not hold {{'model': state_dict}}")
         shards.append(shard["model"])
-    family = _family(path, meta, shards[0], size)
-    state = merge_shards(shards)  # the light types have no sparse experts
+    family = _family(path, meta, size)
+    state = merge_shards(shards, _n_experts(shards[0]))
     try:
         config = infer_config(state, args, meta["llama_type"], family, size)
     except CheckpointError as e:

@@ -174,6 +174,10 @@ def assemble_from_parts(
     """A SphinxModel from released parts; the projector and special embeddings start fresh."""
     from sphinx_edge.model.sphinx import build_model
 
+    if config.clip is not None or config.qformer is not None:
+        raise CheckpointError(f"size {config.name!r} also has CLIP ViT-L/14 and a BLIP-2 Q-Former, which are not "
+                              "assembled from parts: convert a released LLaMA2-Accessory directory of it instead")
+
     model = build_model(config, seed=seed)
     if llm is not None:
         _, state = read_hf_llm(llm, config.llm)

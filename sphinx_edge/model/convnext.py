@@ -3,6 +3,11 @@
 Parameter names match timm's ConvNeXt exactly, so the trunk of an open_clip / SPHINX checkpoint
 loads with `load_state_dict` after stripping its prefix. Drop path, dropout and the classifier
 (pooling + fc) are left out: the encoder is frozen and SPHINX reads the normed stage-4 map.
+
+The four-expert llama_ens / llama_ens5 read their 224 px views as the reference's encode_image does
+(accessory/model/LLM/llama_ens.py): a nearest resize to 256 px (`input_size`), the 8x8 map, each
+token repeated 2x2 (`token_upsample`) to the 16x16 of the other experts, the mean taken after that.
+The reference resizes in fp16 (`x.half()`); here the view keeps its dtype, which only rounds less.
 """
 
 from __future__ import annotations
@@ -75,8 +80,14 @@ class ConvNeXt(nn.Module):
         self.head = nn.ModuleDict({"norm": LayerNorm2d(dims[-1], eps=eps)})
 
     def forward(self, x: Tensor) -> Tensor:
-        """[N, 3, H, W] -> [N, 1 + (H/32)*(W/32), dims[-1]]: mean token, then row-major tokens."""
+        """[N, 3, H, W] -> [N, 1 + (H/32)*(W/32), dims[-1]]: mean token, then row-major tokens
+        (with `input_size` S and `token_upsample` u: [N, 1 + (S/32*u)**2, dims[-1]])."""
+        side, u = self.config.input_size, self.config.token_upsample
+        if side:
+            x = F.interpolate(x, size=(side, side), mode="nearest")
         x = self.head["norm"](self.stages(self.stem(x)))
+        if u > 1:
+            x = x.repeat_interleave(u, dim=-1).repeat_interleave(u, dim=-2)
         x = x.flatten(2).transpose(1, 2)  # [N, C, h, w] -> [N, h*w, C], index y*w + x
         # SPHINX prepends the mean of the normed tokens (not a re-normed pooled vector).
         return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)

@@ -1,10 +1,17 @@
 """The whole SPHINX-X model: Mixture of Visual experts + projector + special embeddings + LLM.
 
-A view is encoded by both experts (CLIP-ConvNeXt on a tile_size view, DINOv2 on a dino_size view),
-their tokens concatenated along channels (ConvNeXt first), projected by `visual_proj`
-(Linear -> LayerNorm) and wrapped by the learnable `start_img` / `end_img` embeddings. In the
-sphinx-x layout a fully padded tile is not encoded; one learnable `skip` embedding stands in its
-place. The image tokens follow BOS; text follows them (docs/ARCHITECTURE.md, sections 1 and 2).
+A view is encoded by every expert of the config: CLIP-ConvNeXt on a tile_size view, DINOv2 on a
+dino_size view and, in the four-expert models (llama_ens*, mixtral_sparse_ens*), OpenAI CLIP ViT-L/14
+and BLIP-2's Q-Former on the DINOv2 view. The experts' tokens are concatenated along channels in the
+reference's order (CLIP, ConvNeXt, DINOv2), projected by `visual_proj` (Linear -> LayerNorm); the
+Q-Former's query tokens are projected by `qformer_proj` and come first. Each view is wrapped by the
+learnable `start_img` / `end_img` embeddings:
+
+    two experts:  [start_img, pooled + patch tokens, end_img]                  (259 at full size)
+    four experts: [start_img, 32 Q-Former tokens, pooled + patch tokens, end_img]  (291)
+
+In the sphinx-x layout a fully padded tile is not encoded; one learnable `skip` embedding stands in
+its place. The image tokens follow BOS; text follows them (docs/ARCHITECTURE.md, sections 1 and 2).
 """
 
 from __future__ import annotations
@@ -16,9 +23,24 @@ import torch
 from torch import nn
 
 from sphinx_edge.config import SphinxConfig
+from sphinx_edge.layout import clip_to_imagenet
+from sphinx_edge.model.clip_vit import CLIPViT
 from sphinx_edge.model.convnext import ConvNeXt
 from sphinx_edge.model.dinov2 import DINOv2
 from sphinx_edge.model.llm import Transformer
+from sphinx_edge.model.qformer import QFormer
+
+
+def projector(in_dim: int, dim: int) -> nn.Sequential:
+    """Linear -> LayerNorm, as the reference's visual_proj and qformer_proj."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+
+
+def clip_pixels(dinov2_views: torch.Tensor) -> torch.Tensor:
+    """The DINOv2 views (ImageNet statistics) back in CLIP statistics, as CLIP and the Q-Former read
+    them: the inverse of layout.make_views' re-normalisation, computed in fp32."""
+    gain, shift = (torch.from_numpy(a).to(dinov2_views.device) for a in clip_to_imagenet())
+    return ((dinov2_views.float() - shift) / gain).to(dinov2_views.dtype)
 
 
 class SphinxModel(nn.Module):
@@ -27,27 +49,51 @@ class SphinxModel(nn.Module):
         self.config = config
         dim = config.llm.dim
         self.llm = Transformer(config.llm)
+        # Parameter names are LLaMA2-Accessory's after its prefixes are mapped (checkpoints/accessory.py).
+        self.clip = CLIPViT(config.clip) if config.clip is not None else None
         self.convnext = ConvNeXt(config.convnext)
         self.dinov2 = DINOv2(config.dinov2)
-        self.visual_proj = nn.Sequential(nn.Linear(config.vision_dim, dim), nn.LayerNorm(dim))
+        self.qformer = QFormer(config.qformer) if config.qformer is not None else None
+        self.visual_proj = projector(config.vision_dim, dim)
+        self.qformer_proj = projector(config.qformer.qformer_dim, dim) if config.qformer is not None else None
         self.start_img = nn.Parameter(torch.empty(1, 1, dim))
         self.end_img = nn.Parameter(torch.empty(1, 1, dim))
         # The released sphinx-1k checkpoints have no skip embedding: every tile is encoded there.
         self.skip = nn.Parameter(torch.empty(1, 1, dim)) if config.layout == "sphinx-x" else None
 
-    def visual_features(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
-        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, 1 + patches, vision_dim] (experts only)."""
-        return torch.cat([self.convnext(convnext_views), self.dinov2(dinov2_views)], dim=-1)
+    @property
+    def experts(self) -> tuple[nn.Module, ...]:
+        """The visual encoders this model has (frozen in SPHINX's training)."""
+        return tuple(m for m in (self.clip, self.convnext, self.dinov2, self.qformer) if m is not None)
 
-    def project_views(self, features: torch.Tensor) -> torch.Tensor:
-        """Expert features -> [N, tokens_per_view, dim]: visual_proj, wrapped in start_img / end_img."""
-        tokens = self.visual_proj(features.to(self.visual_proj[0].weight.dtype))
+    def visual_features(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
+        """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, 1 + patches, vision_dim] (experts only):
+        CLIP (four-expert models), ConvNeXt, DINOv2 along channels, in the reference's order."""
+        features = [self.convnext(convnext_views), self.dinov2(dinov2_views)]
+        if self.clip is not None:
+            features.insert(0, self.clip(clip_pixels(dinov2_views)))
+        return torch.cat(features, dim=-1)
+
+    def query_features(self, dinov2_views: torch.Tensor) -> torch.Tensor | None:
+        """[N, 3, dino, dino] pixels -> the Q-Former's [N, n_queries, qformer_dim]; None without one."""
+        return None if self.qformer is None else self.qformer(clip_pixels(dinov2_views))
+
+    def project_views(self, features: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert features (and the Q-Former's queries) -> [N, tokens_per_view, dim]: [start_img,
+        qformer_proj(queries), visual_proj(features), end_img]."""
+        dtype = self.visual_proj[0].weight.dtype
+        tokens = self.visual_proj(features.to(dtype))
+        if self.qformer_proj is not None:
+            if queries is None:
+                raise ValueError("this model's views start with the Q-Former's tokens: pass query_features")
+            tokens = torch.cat([self.qformer_proj(queries.to(dtype)), tokens], dim=1)
         n = tokens.shape[0]
         return torch.cat([self.start_img.expand(n, -1, -1), tokens, self.end_img.expand(n, -1, -1)], dim=1)
 
     def encode_views(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
         """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, tokens_per_view, dim] embeddings."""
-        return self.project_views(self.visual_features(convnext_views, dinov2_views))
+        features = self.visual_features(convnext_views, dinov2_views)
+        return self.project_views(features, self.query_features(dinov2_views))
 
     def embed_sequence(
         self,
@@ -109,7 +155,10 @@ def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None)
             p.fill_(0.1)
         elif leaf in ("start_img", "end_img", "skip"):
             p.copy_(torch.rand(p.shape, generator=gen))
-        elif leaf in ("weight", "w1", "w2", "w3", "cls_token", "pos_embed", "mask_token"):
+        elif leaf == "in_proj_bias":  # CLIP's fused attention bias
+            p.zero_()
+        elif leaf in ("weight", "w1", "w2", "w3", "cls_token", "pos_embed", "mask_token", "in_proj_weight", "proj",
+                      "class_embedding", "positional_embedding", "position_embedding", "query_tokens"):
             normal_(p)
         else:
             raise AssertionError(f"init_weights has no rule for parameter {name}")

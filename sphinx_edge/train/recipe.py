@@ -135,8 +135,8 @@ def shard_model(trainee: Trainee) -> None:
 
     for block in trainee.model.llm.layers:
         fully_shard(block)
-    fully_shard(trainee.model.convnext)
-    fully_shard(trainee.model.dinov2)
+    for expert in trainee.model.experts:
+        fully_shard(expert)
     fully_shard(trainee)
 
 
@@ -152,7 +152,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
         model = build_model(get_config(cfg.size), seed=cfg.seed)
     model.to(device).train()
     if cfg.freeze_encoders:
-        for encoder in (model.convnext, model.dinov2):
+        for encoder in model.experts:
             encoder.requires_grad_(False).eval()
     model.llm.gradient_checkpointing = cfg.activation_checkpointing
     return model
@@ -161,7 +161,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
 def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only; the experts, when trained, at encoder_lr_ratio x lr (the
     schedule scales every group alike)."""
-    experts = {id(p) for encoder in (model.convnext, model.dinov2) for p in encoder.parameters()}
+    experts = {id(p) for encoder in model.experts for p in encoder.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -234,8 +234,8 @@ def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device
         cv = torch.from_numpy(np.concatenate([v[0] for v in views])).to(device)
         dv = torch.from_numpy(np.concatenate([v[1] for v in views])).to(device)
         with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
-            features = model.visual_features(cv, dv)
-        view_embeds = model.project_views(features)
+            features, queries = model.visual_features(cv, dv), model.query_features(dv)
+        view_embeds = model.project_views(features, queries)
     seqs, offset = [], 0
     for e in examples:
         n = e.convnext_views.shape[0] if e.convnext_views is not None else 0
@@ -406,7 +406,7 @@ def train(cfg: TrainConfig) -> list[float]:
 def count_flops(trainee: Trainee, examples: list[Example], cfg: TrainConfig, autocast, rank: int) -> float:
     """Model FLOPs per sequence position (see flops.py); 0.0, with a warning, where they cannot be counted."""
     model = trainee.model
-    frozen = (model.convnext, model.dinov2) if cfg.freeze_encoders else ()
+    frozen = model.experts if cfg.freeze_encoders else ()
     try:
         with autocast:
             return model_flops_per_token(trainee, examples, frozen)

@@ -68,3 +68,8 @@ def test_incomplete_llm_and_encoder_files_are_refused(tmp_path, model_factory):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot read weights from .*empty.pth"):
         read_encoder(tmp_path / "empty.pth", "convnext")
+
+
+def test_four_expert_sizes_are_not_assembled_from_parts():
+    with pytest.raises(CheckpointError, match="'test-ens5' also has CLIP ViT-L/14 and a BLIP-2 Q-Former"):
+        assemble_from_parts(get_config("test-ens5"))

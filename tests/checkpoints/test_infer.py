@@ -4,6 +4,7 @@ hf:// sources come from the Hugging Face cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,9 +18,10 @@ from safetensors import safe_open
 from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.checkpoints import CheckpointError, load_model
 from sphinx_edge.checkpoints.accessory import write_accessory
-from sphinx_edge.config import ConvNeXtConfig, DINOv2Config, LLMConfig, SphinxConfig
+from sphinx_edge.config import CLIPViTConfig, ConvNeXtConfig, DINOv2Config, LLMConfig, QFormerConfig, SphinxConfig
+from sphinx_edge.config import get_config
 from sphinx_edge.model.sphinx import build_model
-from tests.checkpoints.test_accessory import image_logits
+from tests.checkpoints.test_accessory import image_logits, write_released
 from tests.test_cli import run
 
 SCRIPT = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[2] / ".venv")) / "bin" / "sphinx-edge"
@@ -83,6 +85,27 @@ def test_tiles_take_the_layout_from_the_model(released):
     assert code == 0 and "sphinx-1k" in out, out
     code, out = run("tiles", SAMPLES / "wide_2x1.png", "--size", "tiny")
     assert code == 0 and "sphinx-x" in out
+
+
+def test_a_four_expert_checkpoint_of_no_registered_size(tokenizer, tmp_path):
+    """A llama_ens5 model with an LLM of no size: the test-ens5 encoders keep that size's views; encoders
+    of no size get the released SPHINX-1k's views (224 px, ConvNeXt read as 256 px, 2x2 tiles)."""
+    llm = LLMConfig("llama", 48, 3, 4, 2, 80, 256, max_seq_len=1024)
+    small = dataclasses.replace(get_config("test-ens5"), name="custom", paper_name="", llm=llm)
+    unseen = SphinxConfig(
+        "custom", llm,
+        ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 40), image_size=224, input_size=256, token_upsample=2),
+        DINOv2Config(embed_dim=64, depth=1, n_heads=1, ffn="mlp", mlp_ratio=2.0, pos_grid=5, image_size=224),
+        layout="sphinx-1k", grid=2, llama_type="llama_ens5",
+        clip=CLIPViTConfig(width=16, layers=1, heads=1, mlp_ratio=2.0, output_dim=8),
+        qformer=QFormerConfig(vision_dim=16, vision_layers=1, vision_heads=1, vision_mlp=32, qformer_dim=8,
+                              qformer_layers=1, qformer_heads=1, qformer_mlp=16, n_queries=2))
+    for i, cfg in enumerate((small, unseen)):
+        model = build_model(cfg, seed=3).eval()
+        write_released(model, tmp_path / str(i))
+        loaded = load_model(tmp_path / str(i))
+        assert loaded.config == cfg
+        torch.testing.assert_close(image_logits(loaded, tokenizer), image_logits(model, tokenizer), atol=1e-4, rtol=0)
 
 
 def _hub_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
