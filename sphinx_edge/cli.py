@@ -121,12 +121,17 @@ def info(
              "total": "total"}
     if not any(c.clip or c.qformer for c in configs):  # two-expert sizes only: no empty columns
         del parts["clip"], parts["qformer"]
-    for col in ("size", "LLM backbone", *parts.values(), "layout"):
-        table.add_column(col, justify="left" if col in ("size", "LLM backbone", "layout") else "right")
+    # One size: its backbone and layout are in the panel above, so the table keeps to the counts and
+    # fits 80 columns even with four experts. Numbers never wrap; text columns shorten instead.
+    text_columns = ("size",) if size else ("size", "LLM backbone", "layout")
+    for col in (*text_columns[:2], *parts.values(), *text_columns[2:]):
+        text = col in text_columns
+        table.add_column(col, justify="left" if text else "right", no_wrap=not text or col == "size")
     for c in configs:
         n = parameter_counts(c)
         backbone = f"{c.llm.family} {c.llm.dim}x{c.llm.n_layers}" + (f" {c.llm.n_experts}E" if c.llm.n_experts else "")
-        table.add_row(c.name, backbone, *(_billions(n[k]) if k in n else "-" for k in parts), c.layout)
+        counts = [_billions(n[k]) if k in n else "-" for k in parts]
+        table.add_row(*([c.name, *counts] if size else [c.name, backbone, *counts, c.layout]))
     console.print(table)
 
 
