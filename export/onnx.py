@@ -17,6 +17,7 @@ The vision encoder is quantized to int8 at most (`vision_quant`); its convolutio
 from __future__ import annotations
 
 import contextlib
+import math
 import io
 import logging
 import re
@@ -129,20 +130,14 @@ def tidy(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
     onnx.save(proto, path)
 
 
-def _scalar(graph: onnx.GraphProto, name: str) -> float | None:
-    """The value of a one-element float initializer or Constant called `name`, else None."""
-    for tensor in graph.initializer:
-        if tensor.name == name:
-            break
-    else:
-        nodes = [n for n in graph.node if n.op_type == "Constant" and n.output[0] == name]
-        if not nodes or nodes[0].attribute[0].name != "value":
-            return None
-        tensor = nodes[0].attribute[0].t
-    if tensor.data_type != onnx.TensorProto.FLOAT or tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    values = onnx.numpy_helper.to_array(tensor).ravel()
-    return float(values[0]) if values.size == 1 else None
+def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
+    """The one-element float initializers and Constants of `graph`, by name."""
+    named = [(t.name, t) for t in graph.initializer]
+    named += [(n.output[0], n.attribute[0].t) for n in graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
+    return {name: float(onnx.numpy_helper.to_array(t).ravel()[0]) for name, t in named
+            if t.data_type == onnx.TensorProto.FLOAT and t.data_location != onnx.TensorProto.EXTERNAL
+            and math.prod(t.dims) == 1}
 
 
 def fuse_gelu(proto: onnx.ModelProto) -> int:
@@ -164,9 +159,10 @@ def fuse_gelu(proto: onnx.ModelProto) -> int:
     def operand(node: onnx.NodeProto, this: str) -> str:
         return node.input[1] if node.input[0] == this else node.input[0]
 
+    scalars = _scalar_constants(graph)  # read once: the graph has thousands of initializers
+
     def near(name: str, value: float) -> bool:
-        found = _scalar(graph, name)
-        return found is not None and abs(found - value) < 1e-6
+        return name in scalars and abs(scalars[name] - value) < 1e-6
 
     replaced: dict[int, onnx.NodeProto | None] = {}
     for i, div in enumerate(nodes):

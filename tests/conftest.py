@@ -195,3 +195,16 @@ def ask_in_browser(node: str, site, cases: list[dict], workdir, max_new_tokens: 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def assert_exports_at_any_view_count(model, size: int) -> None:
+    """`model` ([N, 3, size, size] views in) exported with a dynamic view count gives its own outputs
+    at 1 and 3 views."""
+    import torch
+
+    views = torch.export.Dim("views", min=1, max=8)
+    program = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes={"x": {0: views}})
+    for n in (1, 3):
+        x = torch.randn(n, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-5)

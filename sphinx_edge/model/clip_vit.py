@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sphinx_edge.config import CLIPViTConfig
+from sphinx_edge.model.attention import fused_qkv_attention
 
 
 class Attention(nn.Module):
@@ -32,12 +33,8 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        # Rows of the fused weight are [q; k; v], each split into heads, as nn.MultiheadAttention.
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5, no mask in the vision tower
-        return self.out_proj(x.transpose(1, 2).reshape(n, t, d))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # nn.MultiheadAttention's fused layout
+        return self.out_proj(fused_qkv_attention(qkv, self.n_heads))  # no mask in the vision tower
 
 
 class Mlp(nn.Module):

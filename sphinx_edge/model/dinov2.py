@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sphinx_edge.config import DINOv2Config
+from sphinx_edge.model.attention import fused_qkv_attention
 from sphinx_edge.model.mlp import Mlp
 
 
@@ -31,11 +32,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        # Hub layout of the fused weight: rows [q; k; v], each split into heads.
-        q, k, v = self.qkv(x).view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5, as the hub
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+        return self.proj(fused_qkv_attention(self.qkv(x), self.n_heads))  # the hub's layout and scale
 
 
 class SwiGLUFFNFused(nn.Module):

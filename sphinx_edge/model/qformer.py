@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sphinx_edge.config import QFormerConfig
+from sphinx_edge.model.attention import fused_qkv_attention
 from sphinx_edge.model.mlp import Mlp
 
 
@@ -59,10 +60,7 @@ class VisionAttention(nn.Module):
         self.projection = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.projection(x.transpose(1, 2).reshape(n, t, d))
+        return self.projection(fused_qkv_attention(self.qkv(x), self.n_heads))
 
 
 class VisionLayer(nn.Module):

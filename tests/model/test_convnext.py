@@ -10,6 +10,7 @@ from torch import nn
 from transformers import ConvNextConfig as HFConvNextConfig
 from transformers import ConvNextModel
 
+from conftest import assert_exports_at_any_view_count
 from sphinx_edge.config import _TEST_CONVNEXT, ConvNeXtConfig
 from sphinx_edge.model.convnext import ConvNeXt
 
@@ -102,12 +103,7 @@ def test_export_dynamic_views() -> None:
     model = ConvNeXt(_TEST_CONVNEXT).eval()
     _randomize(model)
     size = _TEST_CONVNEXT.image_size
-    views = torch.export.Dim("views", min=1, max=8)
-    ep = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes={"x": {0: views}})
-    for n in (1, 3):
-        x = torch.randn(n, 3, size, size)
-        with torch.no_grad():
-            torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=1e-5)
+    assert_exports_at_any_view_count(model, size)
 
 
 def _count(depths: tuple[int, ...], dims: tuple[int, ...], ratio: int) -> int:

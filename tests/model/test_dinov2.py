@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Dinov2Config as HFDinov2Config
 from transformers import Dinov2Model
 
+from conftest import assert_exports_at_any_view_count
 from sphinx_edge.config import _TEST_DINOV2, DINOv2Config
 from sphinx_edge.model.dinov2 import DINOv2
 
@@ -154,12 +155,7 @@ def test_export_dynamic_views(cfg: DINOv2Config) -> None:
     model = DINOv2(cfg).eval()
     _randomize(model)
     size = cfg.image_size
-    views = torch.export.Dim("views", min=1, max=8)
-    ep = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes={"x": {0: views}})
-    for n in (1, 3):
-        x = torch.randn(n, 3, size, size)
-        with torch.no_grad():
-            torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=1e-5)
+    assert_exports_at_any_view_count(model, size)
 
 
 def _count(c: DINOv2Config) -> int:

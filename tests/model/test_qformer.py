@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Blip2Config as HFBlip2Config
 from transformers import Blip2Model, Blip2QFormerModel, Blip2VisionModel
 
+from conftest import assert_exports_at_any_view_count
 from sphinx_edge.config import QFormerConfig, qformer_parameters
 from sphinx_edge.model.qformer import QFormer
 
@@ -109,12 +110,7 @@ def test_export_dynamic_views() -> None:
     model = QFormer(_SMALL).eval()
     _randomize(model)
     size = _SMALL.image_size
-    views = torch.export.Dim("views", min=1, max=8)
-    ep = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes={"x": {0: views}})
-    for n in (1, 3):
-        x = torch.randn(n, 3, size, size)
-        with torch.no_grad():
-            torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=1e-5)
+    assert_exports_at_any_view_count(model, size)
 
 
 def test_full_size_names_shapes_and_count() -> None:
