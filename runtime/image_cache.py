@@ -36,6 +36,11 @@ def export_key(manifest: dict, files: list[str]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
+def image_export_key(manifest: dict, files_by_graph: dict[str, list[str]]) -> str:
+    """`export_key` over the graphs that compute an image's part of the sequence: all but the decoder's."""
+    return export_key(manifest, [f for graph, files in files_by_graph.items() if graph != "decoder" for f in files])
+
+
 def image_key(export: str, image: ImageSource, layout: str, max_views: int | None = None) -> str:
     h = hashlib.sha256(f"{export}\n{layout}\n".encode() + (f"max_views {max_views}\n".encode() if max_views else b""))
     if isinstance(image, Image.Image):

@@ -31,7 +31,7 @@ from sphinx_edge.layout import ImageSource, TilePlan, image_segments, pack_views
 from sphinx_edge.processes import release_free_memory, return_large_blocks_promptly
 from sphinx_edge.prompt import ContextOverflowError, Turn, answer_room, format_prompt, turns_to_drop
 from sphinx_edge.runtime.backends import BACKENDS
-from sphinx_edge.runtime.image_cache import DEFAULT_DISK_BYTES, ImageCache, export_key, image_key
+from sphinx_edge.runtime.image_cache import DEFAULT_DISK_BYTES, ImageCache, image_export_key, image_key
 from sphinx_edge.runtime.manifest import ManifestError, check_files, graph_files, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
 
@@ -83,8 +83,7 @@ class Pipeline:
         self.backend = BACKENDS[backend](self.export_dir, files, self.config, threads) if named else backend
         # Encoded images, by export + image + layout (the graphs that compute them: all but the decoder's).
         self.image_cache = ImageCache(cache_dir, cache_bytes)
-        image_files = [f for name, fs in files.items() if name != "decoder" for f in fs]
-        self._export_key = export_key(self.manifest, image_files) if named else None
+        self._export_key = image_export_key(self.manifest, files) if named else None
         self.resident_image: str | None = None  # the image whose BOS + image tokens the backend's cache holds
         self.max_views = max_views  # encoded views per image, the global one included (None: the layout's all)
         self.pipelined = pipelined

@@ -27,7 +27,7 @@ import numpy as np
 from sphinx_edge.io import atomic_path
 from sphinx_edge.layout import ImageSource
 from sphinx_edge.prompt import STOP_STRINGS, ContextOverflowError
-from sphinx_edge.runtime.image_cache import export_key, image_key
+from sphinx_edge.runtime.image_cache import image_export_key, image_key
 from sphinx_edge.runtime.multimodal_inputs import Segment, build_inputs, sequence_length
 from sphinx_edge.runtime.pipeline import Pipeline
 from sphinx_edge.tokenizer import Tokenizer
@@ -74,10 +74,10 @@ def image_cache_entry(pipeline: Pipeline, image: ImageSource, layout: str,
     graphs = pipeline.manifest["graphs"].get("pte")
     if not graphs:
         return None
-    # Pipeline's export key: every file that computes the image part, all but the decoder's. Read
-    # from the manifest, not graph_files, so that a Core ML export gets its key off Apple hosts too.
-    files = [f for name, graph in graphs.items() if name != "decoder" for f in graph["files"]]
-    return {"key": image_key(export_key(pipeline.manifest, files), image, layout),
+    # Pipeline's export key, from the manifest rather than graph_files, so that a Core ML export
+    # gets its key off Apple hosts too.
+    files = {name: graph["files"] for name, graph in graphs.items()}
+    return {"key": image_key(image_export_key(pipeline.manifest, files), image, layout),
             "shape": [image_tokens, pipeline.config.llm.dim]}
 
 
