@@ -13,7 +13,7 @@ import json
 import statistics
 import sys
 
-from sphinx_edge.benchmarks.system import peak_rss_mib
+from sphinx_edge.rss import peak_rss_mib
 from sphinx_edge.bundled import SAMPLES
 from sphinx_edge.runtime.pipeline import Answer, Pipeline
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sphinx_edge.benchmarks.stages import summary
-from sphinx_edge.benchmarks.system import peak_rss_mib
+from sphinx_edge.rss import peak_rss_mib
 from sphinx_edge.config import LLMConfig
 from sphinx_edge.errors import UserError
 

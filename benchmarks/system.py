@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from sphinx_edge.rss import peak_rss_mib, reset_peak_rss
 
 
 def _cpuinfo() -> list[dict[str, str]]:
@@ -61,21 +62,6 @@ def runtime_versions() -> dict[str, str]:
                                "onnxruntime-genai", "numpy"))
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far. On Linux from VmHWM: getrusage's ru_maxrss
-    carries the parent's peak across fork + exec, so a small case started by a big process would
-    report the parent's figure."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS reports bytes, Linux KiB
-
-
 class StagePeaks:
     """Peak RSS per named stage of a run, and the whole run's. Linux lets a process reset its own
     high-water mark (writing 5 to /proc/self/clear_refs), so each stage's peak is its own and not
@@ -85,19 +71,10 @@ class StagePeaks:
         self.stages: dict[str, float | None] = {}
         self.overall = peak_rss_mib()
 
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
     def measure(self, stage: str, fn, *args):
         """`fn(*args)`, its peak RSS counted for `stage` (the largest of every call under that name)."""
         self.overall = max(self.overall, peak_rss_mib())  # the peak so far, before a reset forgets it
-        resettable = self._reset()
+        resettable = reset_peak_rss()
         try:
             return fn(*args)
         finally:

@@ -14,8 +14,10 @@ rewritten (xnnpack_rewrites.py) so that XNNPACK takes nearly all of it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,42 +28,57 @@ from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.export.onnx import quiet
 from sphinx_edge.export.options import ExportOptions, Format
+from sphinx_edge.export.stages import StageLog
 from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
-from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.model.sphinx import SphinxModel, each_module
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
 
-def _quantize_linears(module: nn.Module, bits: int, group_size: int, weight_only: bool = False) -> None:
-    """int4 per group / int8 per channel on every Linear. XNNPACK: int8 dynamic activations too
-    (8da4w / 8da8w). `weight_only`: the form Core ML folds into its constexpr dequantization ops
-    (it has no dynamic activation quantization)."""
+def linear_quantizer(quant: str, group_size: int, vision_quant: str,
+                     delegate: str = "xnnpack") -> Callable[[str, nn.Module], None]:
+    """What the program does to a Linear, by where it sits (`on_module` of `ModelSource.load`): the
+    LLM's blocks and output int4 per group / int8 per channel, the vision experts' and projector's
+    int8 per channel. XNNPACK: int8 dynamic activations too (8da4w / 8da8w); Core ML: weight-only
+    int8, the form it folds into its constexpr dequantization ops (it has no dynamic activation
+    quantization). Weights are quantized one Linear at a time and the freed fp32 memory handed back
+    to the OS every 256 MB: glibc keeps freed mid-size blocks in its heap, and on SPHINX-Tiny the
+    process otherwise grew by 5 GB and kept 7 GB of dead fp32 weights through the lowering."""
+    from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
-    dtype, granularity = getattr(torch, f"int{bits}"), PerGroup(group_size) if bits == 4 else PerAxis(0)
-    config = (IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity) if weight_only else
-              Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity))
-    _each_linear(module, config)
+    def config(bits: int, weight_only: bool = False):
+        dtype, granularity = getattr(torch, f"int{bits}"), PerGroup(group_size) if bits == 4 else PerAxis(0)
+        return (IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity) if weight_only else
+                Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity))
 
-
-def _each_linear(module: nn.Module, config, trim_every: int = 256 << 20) -> None:
-    """torchao's `quantize_` one Linear at a time, handing the freed fp32 weights back to the OS
-    every `trim_every` bytes: glibc keeps freed mid-size blocks in its heap, and on SPHINX-Tiny
-    (3 B parameters) the process otherwise grew by 5 GB during quantization and kept 7 GB of
-    dead fp32 weights through the lowering."""
-    from torchao.quantization import quantize_
-
+    llm = config(4 if quant == "int4" else 8) if quant in ("int8", "int4") else None
+    vision = config(8, weight_only=delegate == "coreml") if vision_quant == "int8" else None
     freed = 0
-    with quiet():
-        for linear in [m for m in module.modules() if isinstance(m, nn.Linear)]:
-            freed += linear.weight.numel() * linear.weight.element_size()
-            quantize_(linear, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-            if freed >= trim_every:
-                release_memory()
-                freed = 0
-    release_memory()
+
+    def quantize(name: str, module: nn.Module) -> None:
+        nonlocal freed
+        if not isinstance(module, nn.Linear):
+            return
+        if name == "llm.output" or name.startswith("llm.layers."):
+            chosen = llm
+        else:
+            chosen = vision if name.split(".", 1)[0] in ("convnext", "dinov2", "visual_proj") else None
+        if chosen is None:
+            return
+        freed += module.weight.numel() * module.weight.element_size()
+        with quiet():
+            quantize_(module, chosen, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        if freed >= TRIM_EVERY:
+            release_memory()
+            freed = 0
+
+    return quantize
+
+
+TRIM_EVERY = 256 << 20
 
 
 class Int8Embedding(nn.Module):
@@ -117,17 +134,12 @@ def with_context(model: SphinxModel, max_seq_len: int) -> SphinxModel:
     return model
 
 
-def export_programs(model: SphinxModel, quant: str, group_size: int, vision_quant: str,
-                    embedding_quant: str, delegate: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
-    """The three methods as ExportedPrograms of `model`, which this quantizes in place."""
+def export_programs(model: SphinxModel, embedding_quant: str,
+                    delegate: str = "xnnpack") -> dict[str, torch.export.ExportedProgram]:
+    """The three methods as ExportedPrograms of `model`, its linears quantized already
+    (`linear_quantizer`); the vision encoder is rewritten for XNNPACK in place."""
     cfg = model.config
     model = model.eval()
-    if quant in ("int8", "int4"):  # the decoder is lowered to XNNPACK with either delegate
-        _quantize_linears(model.llm.layers, 4 if quant == "int4" else 8, group_size)
-        _quantize_linears(model.llm.output, 4 if quant == "int4" else 8, group_size)
-    if vision_quant == "int8":
-        for part in (model.convnext, model.dinov2, model.visual_proj):
-            _quantize_linears(part, 8, group_size, weight_only=delegate == "coreml")
     if delegate == "xnnpack":
         prepare_vision_for_xnnpack(model)
     embedding = TokenEmbedding(model)
@@ -184,40 +196,81 @@ def _partitioner(delegate: str):
     return CoreMLPartitioner(compile_specs=specs)
 
 
-def export_pte(model: SphinxModel, out_dir: str | os.PathLike, *, quant: str = "fp32", group_size: int = 32,
-               vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
-               on_stage=None, in_place: bool = False, delegate: str = "xnnpack", max_seq_len: int | None = None) -> dict:
-    """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. With `in_place`
-    the model's own linears are quantized (the caller no longer needs its fp32 weights), else a
-    copy's. `max_seq_len`: the program's context (its static cache), default the model's.
-    `delegate`: xnnpack (CPU, any platform) or coreml (the vision encoder on Apple's Core ML, with
-    weight-only int8; the decoder on XNNPACK, see `_partitioners`)."""
+def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | os.PathLike, *, quant: str = "fp32",
+               group_size: int = 32, vision_quant: str = "fp32", embedding_quant: str = "fp32", tokenizer_ids=None,
+               log: StageLog | None = None, in_place: bool = False, delegate: str = "xnnpack",
+               max_seq_len: int | None = None) -> dict:
+    """Writes `out_dir/program.pte`; returns the manifest's `graphs.pte` entry. `model`: a model, or a
+    loader `load(on_module)` (`ModelSource.load`), which is given the quantizer to apply to each module
+    as its weights arrive. A model's own linears are quantized with `in_place` (the caller no longer
+    needs its fp32 weights), else a copy's. `max_seq_len`: the program's context (its static cache),
+    default the model's. `delegate`: xnnpack (CPU, any platform) or coreml (the vision encoder on
+    Apple's Core ML, with weight-only int8; the decoder on XNNPACK, see `_partitioners`). `log` gets
+    three stages: quantize and export, lower, write."""
     ExportOptions(quant=quant, formats=(Format.PTE,), vision_quant=vision_quant, embedding_quant=embedding_quant,
                   group_size=group_size, delegate=delegate)  # the rules (raises ExportError)
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    if on_stage:
-        on_stage("pte export")
-    model = model if in_place else copy.deepcopy(model)
-    if max_seq_len:
-        with_context(model, max_seq_len)
-    programs = export_programs(model, quant, group_size, vision_quant, embedding_quant, delegate)
-    if on_stage:
-        on_stage(f"pte lower ({delegate})")
-    with quiet():
+    log = log or StageLog()
+    quantize = linear_quantizer(quant, group_size, vision_quant, delegate)
+    with log.stage("pte quantize, torch.export"):
+        if isinstance(model, nn.Module):
+            model = each_module(model if in_place else copy.deepcopy(model), quantize)
+        else:  # a loader: quantizes each module as its weights arrive
+            model = model(quantize)
+        release_memory()
+        if max_seq_len:
+            with_context(model, max_seq_len)
+        methods = constant_methods(model, tokenizer_ids)
+        programs = export_programs(model, embedding_quant, delegate)
+        del model  # the programs hold the (quantized) weights they need
+    with log.stage(f"pte lower ({delegate})"), quiet(), _lowering_progress(log.say):
         edge = to_edge_transform_and_lower(
             programs,
             partitioner=_partitioners(delegate),
-            constant_methods=constant_methods(model, tokenizer_ids),
+            constant_methods=methods,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         del programs  # the edge programs hold what they need
+    with log.stage("pte write"), quiet():
         program = edge.to_executorch(ExecutorchBackendConfig(
             sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS}))
         del edge
-    path = Path(out_dir) / "program.pte"
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        program.write_to_file(f)  # streamed: `program.buffer` would join the whole file in memory first
+        path = Path(out_dir) / "program.pte"
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            program.write_to_file(f)  # streamed: `program.buffer` would join the whole file in memory first
     return {"program": {"files": [path.name], "methods": list(METHODS), "delegate": delegate,
-                        "constant_methods": sorted(constant_methods(model, tokenizer_ids))}}
+                        "constant_methods": sorted(methods)}}
+
+
+@contextlib.contextmanager
+def _lowering_progress(say: Callable[[str], None]):
+    """Reports each XNNPACK partition as it is compiled ("text_decoder: partition 4 of 23"): lowering
+    takes most of a large model's export, and ExecuTorch says nothing while it runs. (ExecuTorch
+    compiles a backend's partitions in one `preprocess_multimethod` call, one `preprocess` each.)"""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    own = dict(XnnpackBackend.__dict__)
+    compile_one, compile_all = XnnpackBackend.preprocess, XnnpackBackend.preprocess_multimethod
+    labels: list[str] = []
+
+    def preprocess_multimethod(cls, edge_programs, compile_specs):
+        labels[:] = [f"{method}: partition {i + 1} of {len(parts)}"
+                     for method, parts in edge_programs.items() for i in range(len(parts))][::-1]
+        return compile_all.__func__(cls, edge_programs, compile_specs)
+
+    def preprocess(edge_program, compile_specs):
+        say(labels.pop() if labels else "a partition")
+        return compile_one(edge_program, compile_specs)
+
+    XnnpackBackend.preprocess = staticmethod(preprocess)
+    XnnpackBackend.preprocess_multimethod = classmethod(preprocess_multimethod)
+    try:
+        yield
+    finally:
+        for name in ("preprocess", "preprocess_multimethod"):
+            if name in own:
+                setattr(XnnpackBackend, name, own[name])
+            else:
+                delattr(XnnpackBackend, name)

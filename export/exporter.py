@@ -23,8 +23,9 @@ from sphinx_edge.config import SphinxConfig
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.export.options import ExportError, ExportOptions, Format
 from sphinx_edge.export.source import ModelSource
+from sphinx_edge.export.stages import StageLog
 from sphinx_edge.io import publish_mode, replace_dir
-from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.model.sphinx import SphinxModel, each_module
 from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
 from sphinx_edge.versions import installed_versions
@@ -61,7 +62,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, graphs: dict,
-            options: ExportOptions, say: Callable[[str], None]) -> dict:
+            options: ExportOptions, log: StageLog) -> dict:
     """The manifest's `verification`: the torch side first, then the model is let go, then each
     runnable format of the export against it."""
     from sphinx_edge.export.verify import (export_accuracy, held_out_questions, torch_accuracy, torch_reference,
@@ -72,19 +73,19 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
     if not runnable:
         return verification
     with tempfile.TemporaryDirectory() as tmp:
-        say("verify: the PyTorch reference")
-        model = load()
-        reference = torch_reference(model, tokenizer, VERIFY_IMAGE)
-        data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
-        accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
-        del model
-        release_memory()
+        with log.stage("verify: the PyTorch reference"):
+            model = load()
+            reference = torch_reference(model, tokenizer, VERIFY_IMAGE)
+            data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
+            accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
+            del model
+            release_memory()
         for fmt in runnable:
-            say(f"verify {fmt}")
-            verification[fmt] = verify_export(reference, stage, fmt, options.quant)
-            if accuracy:
-                say(f"evaluate {fmt} on {options.eval_samples} held-out questions")
-                accuracy[fmt] = export_accuracy(stage, fmt, data)
+            with log.stage(f"verify {fmt}"):
+                verification[fmt] = verify_export(reference, stage, fmt, options.quant)
+                if accuracy:
+                    log.say(f"{options.eval_samples} held-out questions")
+                    accuracy[fmt] = export_accuracy(stage, fmt, data)
     if accuracy:
         verification["accuracy"] = accuracy
     return verification
@@ -157,49 +158,68 @@ def _alive(pid: int) -> bool:
 
 
 def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
-                in_place: bool, say: Callable[[str], None]) -> dict:
+                in_place: bool, log: StageLog) -> dict:
     """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`. (The graphs carry
     no tokenizer ids, and exporting leaves the model as it was.)"""
     from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
-    model = load()  # the ONNX decoder's past grows with the sequence: its graphs do not depend on the context
-    fp32 = write_graphs(model, stage / ".fp32", on_stage=say)
-    del model  # the quantizers read the graphs from disk
-    release_memory()
-    files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
-                            embedding_quant=options.embedding_quant, block_size=options.group_size,
-                            accuracy_level=options.accuracy_level, on_stage=say)
-    shutil.rmtree(stage / ".fp32")
+    with log.stage("onnx graphs"):
+        model = load()  # the ONNX decoder's past grows with the sequence: its graphs do not depend on the context
+        fp32 = write_graphs(model, stage / ".fp32", on_stage=log.say)
+        del model  # the quantizers read the graphs from disk
+        release_memory()
+    with log.stage("onnx quantize"):
+        files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
+                                embedding_quant=options.embedding_quant, block_size=options.group_size,
+                                accuracy_level=options.accuracy_level, on_stage=log.say)
+        shutil.rmtree(stage / ".fp32")
     return {name: {"files": [f.name for f in fs], **graph_io(fs[0])} for name, fs in files.items()}
 
 
-def _pte_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
-               in_place: bool, say: Callable[[str], None]) -> dict:
+def _pte_stage(load: Callable[..., SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
+               in_place: bool, log: StageLog) -> dict:
     """The ExecuTorch program in `stage`; returns the manifest's `graphs.pte`."""
     from sphinx_edge.export.executorch import export_pte
 
-    return export_pte(load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
-                      embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, on_stage=say,
+    # In place: the loader quantizes each module as its weights arrive (no fp32 copy of the whole model).
+    return export_pte(load if in_place else load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
+                      embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, log=log,
                       in_place=in_place, delegate=options.delegate, max_seq_len=options.max_seq_len)
 
 
-# One stage per format: (load, staging dir, options, tokenizer ids, may modify the model, progress) ->
+# One stage per format: (load, staging dir, options, tokenizer ids, may modify the model, stage log) ->
 # the manifest's `graphs.FORMAT` entry.
 STAGES = {Format.ONNX: _onnx_stage, Format.PTE: _pte_stage}
 
+# Models whose fp32 weights take more than this export each format in a process of its own.
+OWN_PROCESS_BYTES = 2**30
 
-def _in_own_process(stage_fn, *args):
-    """`stage_fn(*args, say)` (a stage's progress callback comes last) in a fresh, spawned process
-    that dies with this one. Whatever the stage leaves behind (torch export caches, quantizer
-    graphs, heap fragments: about 5 GB after the ONNX stage of SPHINX-Tiny, 13 GB after its
-    ExecuTorch stage) goes back to the OS when the process ends."""
+
+def _needs_own_processes(config: SphinxConfig) -> bool:
+    """Whatever a stage leaves behind (torch export caches, quantizer graphs, heap fragments: about
+    5 GB after the ONNX stage of SPHINX-Tiny, 13 GB after its ExecuTorch stage) goes back to the OS
+    when its process ends. A small model leaves little, and a process costs seconds to start."""
+    from sphinx_edge.config import parameter_counts
+
+    return parameter_counts(config)["total"] * 4 > OWN_PROCESS_BYTES
+
+
+def _in_own_process(log: StageLog, stage_fn, *args):
+    """`stage_fn(*args, log)` in a fresh, spawned process that dies with this one; its stages join
+    `log`, each peak counted with what this process held meanwhile."""
     from sphinx_edge.processes import run_in_child
+    from sphinx_edge.rss import peak_rss_mib, reset_peak_rss
 
-    return run_in_child(stage_fn, *args, _quiet_stage)
+    resettable = reset_peak_rss()
+    result, records = run_in_child(_logged, stage_fn, args, on_progress=log.say)
+    log.adopt(records, peak_rss_mib() if resettable else None)
+    return result
 
 
-def _quiet_stage(stage: str) -> None:  # a child process has no progress bar to update
-    pass
+def _logged(stage_fn, args: tuple, show: Callable[[str], None]) -> tuple:
+    """In the child: the stage with a log of its own, whose lines go to the parent's display."""
+    log = StageLog(show)
+    return stage_fn(*args, log), log.records
 
 
 def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], tokenizer: Tokenizer,
@@ -207,26 +227,27 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                  on_stage: Callable[[str], None] | None = None, source: dict | None = None) -> dict:
     """Exports `model` (fp32, eval) with `tokenizer` into `out_dir`; returns the manifest.
 
-    `model` may be a `ModelSource`: then each stage (ONNX graphs, ExecuTorch program) loads the
-    weights in a process of its own, and verification drops the PyTorch model before it loads the
-    export, so at no time do two copies of a large model's weights live side by side. It may also
-    be a function that loads a fresh model (stages run in this process; the ExecuTorch stage
-    quantizes its copy in place), or a model (never modified). `source` says where the weights
-    came from when `model` is not a ModelSource."""
-    isolated = isinstance(model, ModelSource)
+    `model` may be a `ModelSource`: then each stage loads the weights itself, a large model's in a
+    process of its own (ONNX graphs, ExecuTorch program), and verification drops the PyTorch model
+    before it loads the export, so at no time do two copies of a large model's weights live side by
+    side. It may also be a function that loads a fresh model (stages run in this process; the
+    ExecuTorch stage quantizes its copy in place), or a model (never modified). `source` says where
+    the weights came from when `model` is not a ModelSource. `on_stage` receives each line of
+    progress; the manifest's `export_stages` holds each stage's time and peak memory."""
+    log = StageLog(on_stage)
     fresh = not isinstance(model, SphinxModel)
-    load = model.load if isolated else model if fresh else (lambda: model)
-    source = model.entry() if isolated else source
-    out_dir = Path(out_dir)
-    say = on_stage or (lambda s: None)
-    if isolated:  # the stages load the weights (and refuse a checkpoint of another size)
+    current: SphinxModel | None = None
+    if isinstance(model, ModelSource):  # the stages load the weights (and refuse a checkpoint of another size)
         from sphinx_edge.config import get_config
 
-        config = get_config(model.size)
-    else:
-        say("load the model")
-        current: SphinxModel | None = load()
-        config = current.config
+        config, load, source = get_config(model.size), model.load, model.entry()
+        isolated = _needs_own_processes(config)
+    else:  # loaders take `on_module` (ModelSource.load), which only a fresh model may go through
+        load = (lambda on_module=None: each_module(model(), on_module)) if fresh else (lambda on_module=None: model)
+        with log.stage("load the model"):
+            current = load()
+        config, isolated = current.config, False
+    out_dir = Path(out_dir)
     options = dataclasses.replace(options, max_seq_len=context_length(config, options.max_seq_len))
     config = config.with_context(options.max_seq_len)
     check_target(out_dir, overwrite)
@@ -240,12 +261,12 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
         for fmt in options.formats:
             if isolated:
-                say(f"{fmt} graphs" + (f", {options.delegate}" if fmt == Format.PTE else "") + " (own process)")
-                graphs[fmt] = _in_own_process(STAGES[fmt], model.load, stage, options, ids, True)
+                graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
-                graphs[fmt] = STAGES[fmt](lambda: current if current is not None else load(), stage, options, ids,
-                                          fresh, say)
-                current = None  # a stage may quantize a fresh model in place: no longer the fp32 model
+                held, current = current, None  # a stage may quantize a fresh model in place: no longer fp32
+                get = load if held is None else (lambda on_module=None, m=held: each_module(m, on_module))
+                graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)
+                del held, get
             release_memory()
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -264,8 +285,9 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         # The manifest goes in first so that verification loads the staged export as a user would.
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if options.verify:
-            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, say)
+            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, log)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["export_stages"] = log.summary()
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         (stage / STAGING_MARK).unlink()
         for path in [stage, *stage.iterdir()]:  # some writers (onnx's external data) create files 0600

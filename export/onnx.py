@@ -313,7 +313,7 @@ def write_graphs(model: SphinxModel, out_dir: Path, on_stage=None) -> dict[str, 
     paths = {}
     for name, build in GRAPHS.items():
         if on_stage:
-            on_stage(f"onnx {name}")
+            on_stage(name)
         build(model, out_dir / f"{name}.onnx")
         paths[name] = out_dir / f"{name}.onnx"
     return paths
@@ -335,7 +335,7 @@ def quantize_graphs(fp32: dict[str, Path], out_dir: Path, *, quant: str = "fp32"
                 files[name].append(_data_file(src).replace(_data_file(dst)))
             continue
         if on_stage:
-            on_stage(f"onnx {name}: {q}")
+            on_stage(f"{name}: {q}")
         files[name] = quantize_file(src, q, dst, block_size=block_size, accuracy_level=accuracy_level)
         src.unlink()
         _data_file(src).unlink(missing_ok=True)

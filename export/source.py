@@ -30,15 +30,22 @@ class ModelSource:
     checkpoint: str | None = None
     seed: int = 0
 
-    def load(self):  # -> SphinxModel
+    def load(self, on_module=None):  # -> SphinxModel
+        """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights
+        are in place (`model.sphinx.materialize`): random weights are made one module at a time, so
+        a quantizing hook keeps the fp32 model from ever existing whole."""
+        import torch
+
+        from sphinx_edge.model.sphinx import SphinxModel, each_module, materialize, random_fill
+
         if self.checkpoint:
             from sphinx_edge.checkpoints import load_model
 
-            return load_model(self.checkpoint, self.size).eval()  # refuses a checkpoint of another size
-        from sphinx_edge.config import get_config
-        from sphinx_edge.model.sphinx import build_model
-
-        return build_model(get_config(self.size), seed=self.seed).eval()
+            # refuses a checkpoint of another size
+            return each_module(load_model(self.checkpoint, self.size).eval(), on_module)
+        with torch.device("meta"):
+            model = SphinxModel(get_config(self.size))
+        return materialize(model, random_fill(seed=self.seed), on_module).eval()  # = build_model(config, seed)
 
     def entry(self) -> dict:
         """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference. Weights that

@@ -491,6 +491,14 @@ def _print_export_summary(out: Path, manifest: dict, seconds: float) -> None:
     for name, entry in manifest["files"].items():
         table.add_row(name, f"{entry['bytes'] / 1e6:.2f}")
     console.print(table)
+    if stages := manifest.get("export_stages"):
+        timing = Table(title="stages (peak: the export's processes together)")
+        for col, side in (("stage", "left"), ("s", "right"), ("peak MiB", "right")):
+            timing.add_column(col, justify=side)
+        for st in stages:
+            timing.add_row(st["name"], f"{st['seconds']:.1f}",
+                           "-" if st["peak_rss_mib"] is None else f"{st['peak_rss_mib']:,.0f}")
+        console.print(timing)
     ver = manifest.get("verification")
     if not ver:
         console.print("[dim]verification skipped (--no-verify)[/]")

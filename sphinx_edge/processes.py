@@ -75,34 +75,45 @@ def _logger_levels() -> dict[str, int]:
             if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET}
 
 
-def _child_main(conn, watch, parent: int, levels: dict[str, int], fn: Callable[..., Any], args: tuple) -> None:
+PROGRESS, RESULT, ERROR = "progress", "result", "error"  # what a child sends
+
+
+def _child_main(conn, watch, parent: int, levels: dict[str, int], fn: Callable[..., Any], args: tuple,
+                reports: bool) -> None:
     _die_with_parent(watch, parent)
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     try:
-        conn.send((True, fn(*args)))
+        if reports:
+            args = (*args, lambda line: conn.send((PROGRESS, line)))
+        conn.send((RESULT, fn(*args)))
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
         try:
-            conn.send((False, e))
+            conn.send((ERROR, e))
         except Exception:  # not picklable: send what it said
-            conn.send((False, ChildFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+            conn.send((ERROR, ChildFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
     finally:
         conn.close()
 
 
-def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
+def run_in_child(fn: Callable[..., Any], *args: Any, on_progress: Callable[[str], None] | None = None) -> Any:
     """`fn(*args)` in a spawned process that cannot outlive this one; its exception re-raised here.
-    `fn` and `args` must be picklable."""
+    `fn` and `args` must be picklable. With `on_progress`, `fn` gets one more argument, a function
+    of one string, and each string it is given reaches `on_progress` here as the child runs."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     watch_read, watch_write = ctx.Pipe(duplex=False)  # only this process holds the write end
-    child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), _logger_levels(), fn, args))
+    child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), _logger_levels(), fn, args,
+                                                  on_progress is not None))
     try:
         child.start()
         watch_read.close()
         send.close()
         try:
-            ok, value = receive.recv()
+            kind, value = receive.recv()
+            while kind == PROGRESS:
+                on_progress(value)
+                kind, value = receive.recv()
         except EOFError:
             child.join()
             raise ChildFailed(f"the stage process died (exit code {child.exitcode}"
@@ -115,7 +126,7 @@ def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
             child.join()
         for conn in (watch_read, watch_write, send, receive):
             conn.close()
-    if not ok:
+    if kind == ERROR:
         raise value
     return value
 

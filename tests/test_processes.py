@@ -31,3 +31,15 @@ def test_a_childs_exception_is_raised_in_the_parent():
     with pytest.raises(ValueError, match="from the child"):
         run_in_child(fail_with, "from the child")
     assert issubclass(ChildFailed, RuntimeError)
+
+
+def count_to(n: int, say) -> str:
+    for i in range(1, n + 1):
+        say(f"{i} of {n}")
+    return "done"
+
+
+def test_a_childs_progress_reaches_the_parent_in_order_before_its_answer():
+    lines = []
+    assert run_in_child(count_to, 3, on_progress=lines.append) == "done"
+    assert lines == ["1 of 3", "2 of 3", "3 of 3"]

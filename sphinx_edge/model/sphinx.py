@@ -17,7 +17,7 @@ its place. The image tokens follow BOS; text follows them (docs/ARCHITECTURE.md,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -127,9 +127,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@torch.no_grad()
-def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
-    """Random initialisation for training from scratch and latency work.
+def random_fill(std: float = 0.02, seed: int | None = None) -> Callable[[str, torch.Tensor], None]:
+    """The random initialisation, one parameter at a time: `fill(name, tensor)` sets the parameter
+    called `name`. Called for every parameter in `named_parameters` order, it draws exactly what
+    `init_weights` draws (one generator): so a model materialised module by module gets the same
+    weights as one initialised whole.
 
     ConvNeXt convolutions and MLPs get He (fan-in) normal weights and layer scales of 1. timm's std
     0.02 and layer scale 1e-6 start it as a near-identity map, which would hide export bugs behind
@@ -141,7 +143,8 @@ def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None)
     def normal_(t: torch.Tensor, s: float = std) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) * s)
 
-    for name, p in model.named_parameters():
+    @torch.no_grad()
+    def fill(name: str, p: torch.Tensor) -> None:
         leaf = name.rsplit(".", 1)[-1]
         if name.startswith("convnext.") and leaf == "weight" and p.ndim >= 2:
             normal_(p, math.sqrt(2.0 / p[0].numel()))  # p[0].numel() = fan-in (in / groups x kernel)
@@ -162,6 +165,41 @@ def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None)
             normal_(p)
         else:
             raise AssertionError(f"init_weights has no rule for parameter {name}")
+
+    return fill
+
+
+def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
+    """Random initialisation for training from scratch and latency work (`random_fill`)."""
+    fill = random_fill(std, seed)
+    for name, p in model.named_parameters():
+        fill(name, p)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
+                on_module: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
+    """Gives a model built on the meta device real weights, one module at a time: each parameter is
+    allocated and set by `fill(name, tensor)` (in `named_parameters` order), and once a module's own
+    parameters are in place `on_module(name, module)` may transform it, e.g. quantize a Linear. With
+    a quantizing `on_module` the fp32 model never exists whole: memory stays near the transformed
+    model plus one module."""
+    for module_name, module in model.named_modules():
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            value = torch.empty(p.shape, dtype=p.dtype)
+            fill(f"{module_name}.{leaf}" if module_name else leaf, value)
+            setattr(module, leaf, nn.Parameter(value, requires_grad=p.requires_grad))
+        if on_module is not None:
+            on_module(module_name, module)
+    return model
+
+
+def each_module(model: nn.Module, on_module: Callable[[str, nn.Module], None] | None) -> nn.Module:
+    """`on_module(name, module)` for every module of a model that is already whole (`materialize`'s
+    hook, for weights loaded at once)."""
+    for name, module in list(model.named_modules()) if on_module else []:
+        on_module(name, module)
     return model
 
 

@@ -133,11 +133,11 @@ def test_peak_rss_is_the_child_process_own(tmp_path):
     import subprocess
     import sys
 
-    from sphinx_edge.benchmarks.system import peak_rss_mib
+    from sphinx_edge.rss import peak_rss_mib
 
     ballast = np.ones(200 * 2**20 // 8)  # 200 MiB in this process
     ballast[::512] = 2.0
-    child = subprocess.run([sys.executable, "-c", "from sphinx_edge.benchmarks.system import peak_rss_mib; "
+    child = subprocess.run([sys.executable, "-c", "from sphinx_edge.rss import peak_rss_mib; "
                             "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
     assert peak_rss_mib() > 200
     assert float(child.stdout) < 150

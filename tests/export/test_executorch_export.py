@@ -99,18 +99,51 @@ def test_coreml_backend_delegates_the_vision_encoder_and_says_where_it_runs(toke
             Pipeline(tmp_path / "c", "pte")
 
 
-def test_export_from_a_model_source_runs_each_stage_in_its_own_process(tokenizer_file, tmp_path):
-    """What the CLI does: the ONNX and ExecuTorch stages load the weights in spawned processes; the
-    result verifies against the same weights loaded here."""
+def test_export_from_a_model_source_runs_each_stage_in_its_own_process(tokenizer_file, tmp_path, monkeypatch):
+    """What the CLI does for a large model: the ONNX and ExecuTorch stages load the weights in spawned
+    processes; the result verifies against the same weights loaded here."""
+    from sphinx_edge.export import exporter
     from sphinx_edge.export.exporter import ExportOptions, ModelSource, export_model
     from sphinx_edge.tokenizer import Tokenizer
 
+    monkeypatch.setattr(exporter, "OWN_PROCESS_BYTES", 0)  # test-tiny counts as large
     source = ModelSource("test-tiny", seed=3)
     manifest = export_model(source, Tokenizer(tokenizer_file), tmp_path / "s",
                             ExportOptions(quant="fp32", formats=("onnx", "pte")))
     assert manifest["source"] == {"random_init": True, "seed": 3}
     for fmt in ("onnx", "pte"):
         assert manifest["verification"][fmt]["passed"], manifest["verification"][fmt]
+    names = [s["name"] for s in manifest["export_stages"]]
+    assert names[:5] == ["onnx graphs", "onnx quantize", "pte quantize, torch.export", "pte lower (xnnpack)",
+                         "pte write"]
+
+
+def _graph_digests(manifest: dict) -> dict[str, str]:
+    return {name: entry["sha256"] for name, entry in manifest["files"].items()}
+
+
+def test_streamed_weights_export_the_same_bytes_as_a_whole_model(tokenizer_file, tmp_path):
+    """Random weights made and quantized one module at a time (a ModelSource) give byte-identical
+    graphs to the model built whole in memory and quantized in place; each stage is timed and
+    measured, and lowering reports its partitions as it goes."""
+    from sphinx_edge.config import get_config
+    from sphinx_edge.export.exporter import ExportOptions, ModelSource, export_model
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.tokenizer import Tokenizer
+
+    tok, options = Tokenizer(tokenizer_file), ExportOptions(quant="int4", formats=("onnx", "pte"), verify=False)
+    whole = export_model(lambda: build_model(get_config("test-tiny"), seed=5).eval(), tok, tmp_path / "whole",
+                         options)
+    lines = []
+    streamed = export_model(ModelSource("test-tiny", seed=5), tok, tmp_path / "streamed", options,
+                            on_stage=lines.append)
+    assert _graph_digests(streamed) == _graph_digests(whole)
+    assert any(line.startswith("pte lower (xnnpack): text_decoder: partition 1 of ") for line in lines), lines
+    assert [s["name"] for s in streamed["export_stages"]] == [
+        "onnx graphs", "onnx quantize", "pte quantize, torch.export", "pte lower (xnnpack)", "pte write"]
+    for stage in streamed["export_stages"]:
+        assert stage["seconds"] >= 0
+        assert stage["peak_rss_mib"] is None or stage["peak_rss_mib"] > 100  # a process with torch loaded
 
 
 def test_the_export_context_sizes_the_static_cache(model_factory, tokenizer_file, tmp_path):

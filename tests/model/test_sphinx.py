@@ -101,3 +101,39 @@ def test_full_size_models_build_on_meta_without_memory():
     llm = count_parameters(model.llm)
     assert 1.09e9 < llm < 1.11e9  # TinyLlama-1.1B: 1,100,048,384
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", ["test-tiny", "test-ens5"])
+def test_a_model_materialised_module_by_module_has_the_weights_of_one_built_whole(size):
+    """`materialize` with `random_fill` draws what `build_model` draws, so an export that makes random
+    weights one module at a time exports the same model."""
+    from sphinx_edge.model.sphinx import SphinxModel, materialize, random_fill
+
+    whole = build_model(get_config(size), seed=4).state_dict()
+    with torch.device("meta"):
+        model = SphinxModel(get_config(size))
+    streamed = materialize(model, random_fill(seed=4)).state_dict()
+    assert whole.keys() == streamed.keys()
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole)
+
+
+def test_each_module_is_handed_over_before_the_next_one_gets_weights():
+    """What keeps a large export's memory down: when `on_module` sees a module, its own weights are
+    real and every module after it is still on the meta device (nothing allocated), so a quantizing
+    hook never has the fp32 model whole."""
+    from sphinx_edge.model.sphinx import SphinxModel, materialize, random_fill
+
+    with torch.device("meta"):
+        model = SphinxModel(get_config("test-tiny"))
+    order = [name for name, _ in model.named_modules()]
+    seen = []
+
+    def look(name, module):
+        seen.append(name)
+        assert all(not p.is_meta for p in module.parameters(recurse=False))
+        later = order[order.index(name) + 1:]
+        mods = dict(model.named_modules())
+        assert all(p.is_meta for n in later for p in mods[n].parameters(recurse=False))
+
+    materialize(model, random_fill(seed=0), look)
+    assert seen == order
