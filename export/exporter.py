@@ -61,12 +61,13 @@ def _tool_versions() -> dict[str, str]:
             **installed_versions(("sphinx-edge", "torch", "onnx", "onnxruntime", "executorch", "torchao"))}
 
 
-def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, graphs: dict,
-            options: ExportOptions, log: StageLog) -> dict:
+def _verify(load: Callable[..., SphinxModel], tokenizer: Tokenizer, stage: Path, graphs: dict,
+            options: ExportOptions, log: StageLog, streamed: bool) -> dict:
     """The manifest's `verification`: the torch side first, then the model is let go, then each
-    runnable format of the export against it."""
-    from sphinx_edge.export.verify import (export_accuracy, held_out_questions, torch_accuracy, torch_reference,
-                                           verify_export)
+    runnable format of the export against it. `streamed`: the reference is computed one part of the
+    model at a time (`load(only=...)`), unless held-out questions are asked for, which need it whole."""
+    from sphinx_edge.export.verify import (export_accuracy, held_out_questions, streamed_reference, torch_accuracy,
+                                           torch_reference, verify_export)
 
     runnable = [fmt for fmt in graphs if not (fmt == "pte" and options.delegate == "coreml")]
     verification: dict = {"pte": {"skipped": COREML_HERE}} if len(runnable) < len(graphs) else {}
@@ -74,11 +75,15 @@ def _verify(load: Callable[[], SphinxModel], tokenizer: Tokenizer, stage: Path, 
         return verification
     with tempfile.TemporaryDirectory() as tmp:
         with log.stage("verify: the PyTorch reference"):
-            model = load()
-            reference = torch_reference(model, tokenizer, VERIFY_IMAGE)
-            data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
-            accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
-            del model
+            accuracy = None
+            if streamed and not options.eval_samples:
+                reference = streamed_reference(load, tokenizer, VERIFY_IMAGE)
+            else:
+                model = load()
+                reference = torch_reference(model, tokenizer, VERIFY_IMAGE)
+                data = held_out_questions(options.eval_samples, Path(tmp)) if options.eval_samples else None
+                accuracy = {"n": options.eval_samples, "torch_fp32": torch_accuracy(model, tokenizer, data)} if data else None
+                del model
             release_memory()
         for fmt in runnable:
             with log.stage(f"verify {fmt}"):
@@ -164,10 +169,9 @@ def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOpt
     from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
     with log.stage("onnx graphs"):
-        model = load()  # the ONNX decoder's past grows with the sequence: its graphs do not depend on the context
-        fp32 = write_graphs(model, stage / ".fp32", on_stage=log.say)
-        del model  # the quantizers read the graphs from disk
-        release_memory()
+        # Each graph made from the parts it reads. (The ONNX decoder's past grows with the sequence: its
+        # graphs do not depend on the context.)
+        fp32 = write_graphs(load, stage / ".fp32", on_stage=log.say)
     with log.stage("onnx quantize"):
         files = quantize_graphs(fp32, stage, quant=options.quant, vision_quant=options.vision,
                                 embedding_quant=options.embedding_quant, block_size=options.group_size,
@@ -243,7 +247,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         config, load, source = get_config(model.size), model.load, model.entry()
         isolated = _needs_own_processes(config)
     else:  # loaders take `on_module` (ModelSource.load), which only a fresh model may go through
-        load = (lambda on_module=None: each_module(model(), on_module)) if fresh else (lambda on_module=None: model)
+        load = ((lambda on_module=None, only=None: each_module(model(), on_module)) if fresh else
+                (lambda on_module=None, only=None: model))  # the whole model, whatever parts are asked for
         with log.stage("load the model"):
             current = load()
         config, isolated = current.config, False
@@ -264,7 +269,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                 graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
                 held, current = current, None  # a stage may quantize a fresh model in place: no longer fp32
-                get = load if held is None else (lambda on_module=None, m=held: each_module(m, on_module))
+                get = load if held is None else (lambda on_module=None, only=None, m=held: each_module(m, on_module))
                 graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)
                 del held, get
             release_memory()
@@ -285,7 +290,9 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         # The manifest goes in first so that verification loads the staged export as a user would.
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if options.verify:
-            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, log)
+            # Part by part where parts are cheap to make: random weights (a checkpoint is read whole, for now).
+            streamed = isolated and source.get("random_init", False)
+            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, log, streamed)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         manifest["export_stages"] = log.summary()
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -30,22 +30,35 @@ class ModelSource:
     checkpoint: str | None = None
     seed: int = 0
 
-    def load(self, on_module=None):  # -> SphinxModel
+    def load(self, on_module=None, only=None):  # -> SphinxModel
         """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights
         are in place (`model.sphinx.materialize`): random weights are made one module at a time, so
-        a quantizing hook keeps the fp32 model from ever existing whole."""
+        a quantizing hook keeps the fp32 model from ever existing whole. `only`: the parts to make
+        (the rest stays on the meta device), e.g. ("dinov2", "llm.tok_embeddings")."""
         import torch
 
-        from sphinx_edge.model.sphinx import SphinxModel, each_module, materialize, random_fill
+        from sphinx_edge.model.sphinx import SphinxModel, each_module, in_parts, materialize
 
         if self.checkpoint:
             from sphinx_edge.checkpoints import load_model
 
-            # refuses a checkpoint of another size
-            return each_module(load_model(self.checkpoint, self.size).eval(), on_module)
+            # Refuses a checkpoint of another size. Read whole (for now), then cut down to `only`.
+            model = load_model(self.checkpoint, self.size).eval()
+            for module_name, module in model.named_modules() if only is not None else []:
+                for leaf, p in list(module.named_parameters(recurse=False)):
+                    if not in_parts(f"{module_name}.{leaf}" if module_name else leaf, only):
+                        setattr(module, leaf, torch.nn.Parameter(p.to("meta"), requires_grad=False))
+            return each_module(model, on_module)
         with torch.device("meta"):
             model = SphinxModel(get_config(self.size))
-        return materialize(model, random_fill(seed=self.seed), on_module).eval()  # = build_model(config, seed)
+        return materialize(model, self._random_fill(), on_module, only).eval()  # = build_model(config, seed)
+
+    def _random_fill(self):
+        """One RandomFill per source and process: a second pass (another part) reuses the generator
+        states the first one remembered."""
+        from sphinx_edge.model.sphinx import RandomFill
+
+        return _RANDOM_FILLS.setdefault((self.size, self.seed), RandomFill(seed=self.seed)).restart()
 
     def entry(self) -> dict:
         """The manifest's `source`: what a benchmark needs to rebuild the PyTorch reference. Weights that
@@ -56,6 +69,9 @@ class ModelSource:
         if folder == bundled_weights(self.size):
             return {"bundled": self.size, "weights": _weights_digest(folder)}
         return {"checkpoint": str(folder)}
+
+
+_RANDOM_FILLS: dict = {}
 
 
 def _weights_digest(folder: Path) -> dict[str, str]:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sphinx_edge.generate import build_inputs, generate
+from sphinx_edge.export.memory import release_memory
+from sphinx_edge.generate import build_inputs, generate, image_views
+from sphinx_edge.layout import image_segments
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.prompt import format_prompt
 from sphinx_edge.runtime.pipeline import Pipeline
@@ -38,9 +40,12 @@ def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str,
                   image: Path) -> tuple[np.ndarray, list[int], np.ndarray]:
     """The prefill's last logits, the greedy continuation (stop strings and EOS ignored) and the
     image part of the sequence."""
-    embeds, n_image = build_inputs(model, tokenizer, prompt, image)
+    return _greedy(model.llm, *build_inputs(model, tokenizer, prompt, image))
+
+
+@torch.inference_mode()
+def _greedy(llm, embeds: torch.Tensor, n_image: int) -> tuple[np.ndarray, list[int], np.ndarray]:
     image_embeds = embeds[0, 1:1 + n_image].float().numpy().copy()  # after BOS
-    llm = model.llm
     llm.setup_caches(max_seq_len=embeds.shape[1] + GREEDY_STEPS)
     try:
         logits = llm(embeds, torch.arange(embeds.shape[1]), last_logits_only=True)[0, -1]
@@ -51,6 +56,26 @@ def _torch_greedy(model: SphinxModel, tokenizer: Tokenizer, prompt: str,
     finally:
         llm.clear_caches()
     return first, tokens, image_embeds
+
+
+@torch.inference_mode()
+def _streamed_views(load: Callable[..., SphinxModel], image: Path):
+    """The image's encoded views with one part of the model in memory at a time: each visual expert on
+    its own, then the projectors; the same operations in the same order as `build_inputs` on the
+    whole model, for a model too large to hold in fp32 (SPHINX-Tiny: 12.4 GB). Returns (views [N,
+    tokens_per_view, dim], tile plan)."""
+    skeleton = load(only=())  # the parts and their order, no weights
+    plan, convnext_views, dinov2_views = image_views(skeleton.config, image)
+    convnext_views, dinov2_views = torch.from_numpy(convnext_views), torch.from_numpy(dinov2_views)
+    features, queries = [], None
+    for name, pixels in skeleton.expert_views(convnext_views, dinov2_views):
+        features.append(getattr(load(only=(name,)), name)(pixels))
+        release_memory()
+    if skeleton.qformer is not None:
+        queries = load(only=("qformer",)).query_features(dinov2_views)
+        release_memory()
+    heads = load(only=("visual_proj", "qformer_proj", "start_img", "end_img"))
+    return heads.project_views(torch.cat(features, dim=-1), queries), plan
 
 
 def _export_teacher_forced(pipeline: Pipeline, prompt: str, image: Path,
@@ -84,6 +109,18 @@ class Reference:
 def torch_reference(model: SphinxModel, tokenizer: Tokenizer, image: Path) -> Reference:
     prompt = format_prompt([(SAMPLE_PROMPT, None)])
     return Reference(prompt, image, *_torch_greedy(model, tokenizer, prompt, image))
+
+
+def streamed_reference(load: Callable[..., SphinxModel], tokenizer: Tokenizer, image: Path) -> Reference:
+    """`torch_reference` of the model that `load(only=parts)` makes part by part (`ModelSource.load`):
+    memory holds the largest part (an expert, or the LLM), never the whole fp32 model."""
+    prompt = format_prompt([(SAMPLE_PROMPT, None)])
+    views, plan = _streamed_views(load, image)
+    release_memory()
+    model = load(only=("llm", "skip"))
+    with torch.inference_mode():
+        embeds = model.embed_sequence(torch.tensor(tokenizer.encode(prompt, bos=True)), views, image_segments(plan))
+    return Reference(prompt, image, *_greedy(model.llm, embeds, plan.n_image_tokens(model.config.tokens_per_view)))
 
 
 def verify_export(reference: Reference, export_dir: Path, backend: str, quant: str) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from sphinx_edge.decoding import decode_loop
 from sphinx_edge.layout import ImageSource, image_segments, preprocess
+from sphinx_edge.config import SphinxConfig
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.prompt import ContextOverflowError, answer_room, format_prompt, turns_to_drop
 from sphinx_edge.tokenizer import Tokenizer
@@ -24,6 +25,12 @@ class Generation:
     stop_reason: str  # "stop" (a stop string), "eos" or "length"
 
 
+def image_views(cfg: SphinxConfig, image: ImageSource, max_views: int | None = None):
+    """`layout.preprocess` for a model of `cfg`: (tile plan, ConvNeXt views, DINOv2 views)."""
+    return preprocess(image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size,
+                      dino_size=cfg.dinov2.image_size, max_views=max_views)
+
+
 def build_inputs(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: ImageSource | None,
                  max_views: int | None = None) -> tuple[torch.Tensor, int]:
     """Embeddings [1, L, dim] of BOS + image tokens + prompt, and the number of image tokens.
@@ -32,10 +39,7 @@ def build_inputs(model: SphinxModel, tokenizer: Tokenizer, prompt: str, image: I
     ids = torch.tensor(tokenizer.encode(prompt, bos=True))
     if image is None:
         return model.embed_sequence(ids), 0
-    plan, convnext_views, dinov2_views = preprocess(
-        image, layout=cfg.layout, grid=cfg.grid, tile_size=cfg.convnext.image_size, dino_size=cfg.dinov2.image_size,
-        max_views=max_views,
-    )
+    plan, convnext_views, dinov2_views = image_views(cfg, image, max_views)
     dtype = next(model.convnext.parameters()).dtype
     views = model.encode_views(torch.from_numpy(convnext_views).to(dtype), torch.from_numpy(dinov2_views).to(dtype))
     return model.embed_sequence(ids, views, image_segments(plan)), plan.n_image_tokens(cfg.tokens_per_view)

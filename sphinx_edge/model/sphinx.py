@@ -69,10 +69,17 @@ class SphinxModel(nn.Module):
     def visual_features(self, convnext_views: torch.Tensor, dinov2_views: torch.Tensor) -> torch.Tensor:
         """[N, 3, tile, tile] and [N, 3, dino, dino] pixels -> [N, 1 + patches, vision_dim] (experts only):
         CLIP (four-expert models), ConvNeXt, DINOv2 along channels, in the reference's order."""
-        features = [self.convnext(convnext_views), self.dinov2(dinov2_views)]
+        views = self.expert_views(convnext_views, dinov2_views)
+        return torch.cat([getattr(self, name)(pixels) for name, pixels in views], dim=-1)
+
+    def expert_views(self, convnext_views: torch.Tensor,
+                     dinov2_views: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Each expert (by attribute name) and the pixels it reads, in the order `visual_features`
+        concatenates them; also for running the experts one at a time."""
+        views = [("convnext", convnext_views), ("dinov2", dinov2_views)]
         if self.clip is not None:
-            features.insert(0, self.clip(clip_pixels(dinov2_views)))
-        return torch.cat(features, dim=-1)
+            views.insert(0, ("clip", clip_pixels(dinov2_views)))
+        return views
 
     def query_features(self, dinov2_views: torch.Tensor) -> torch.Tensor | None:
         """[N, 3, dino, dino] pixels -> the Q-Former's [N, n_queries, qformer_dim]; None without one."""
@@ -127,27 +134,48 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def random_fill(std: float = 0.02, seed: int | None = None) -> Callable[[str, torch.Tensor], None]:
+class RandomFill:
     """The random initialisation, one parameter at a time: `fill(name, tensor)` sets the parameter
     called `name`. Called for every parameter in `named_parameters` order, it draws exactly what
-    `init_weights` draws (one generator): so a model materialised module by module gets the same
-    weights as one initialised whole.
+    `init_weights` draws (one generator), so a model materialised module by module gets the same
+    weights as one initialised whole. `skip(name, shape)` stands for a parameter that is not wanted
+    this time: the generator moves on as if it had been drawn. The generator's state before each
+    parameter is remembered, so a later pass over the same model (`materialize(..., only=...)`)
+    jumps over what it skips instead of drawing it again.
 
     ConvNeXt convolutions and MLPs get He (fan-in) normal weights and layer scales of 1. timm's std
     0.02 and layer scale 1e-6 start it as a near-identity map, which would hide export bugs behind
     vanishing activations and learns slowly from scratch: with std 0.02 and layer scales of 0.1,
     a probe reading Nano's numbers scored 11 % held-out after 800 steps against 27 % with these
     (benchmarks/RESULTS.md, session 7). Everything else is normal(std)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def normal_(t: torch.Tensor, s: float = std) -> None:
-        t.copy_(torch.randn(t.shape, generator=gen) * s)
+    def __init__(self, std: float = 0.02, seed: int | None = None) -> None:
+        self.std, self.seed = std, seed
+        self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.states: dict[str, torch.Tensor] = {}  # parameter name -> generator state before it (seeded only)
+        self._skipped: list[tuple[str, torch.Size]] = []  # not drawn yet
+
+    def restart(self) -> RandomFill:
+        """Back to the first parameter, for another pass over the same model (the states stay)."""
+        if self.seed is not None:
+            self.gen.manual_seed(self.seed)
+        self._skipped.clear()
+        return self
+
+    def _normal(self, t: torch.Tensor, s: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=self.gen) * s)
+
+    def skip(self, name: str, shape: torch.Size) -> None:
+        self._skipped.append((name, shape))
 
     @torch.no_grad()
-    def fill(name: str, p: torch.Tensor) -> None:
+    def __call__(self, name: str, p: torch.Tensor) -> None:
+        self._catch_up(name)
+        if self.gen is not None:
+            self.states.setdefault(name, self.gen.get_state())
         leaf = name.rsplit(".", 1)[-1]
         if name.startswith("convnext.") and leaf == "weight" and p.ndim >= 2:
-            normal_(p, math.sqrt(2.0 / p[0].numel()))  # p[0].numel() = fan-in (in / groups x kernel)
+            self._normal(p, math.sqrt(2.0 / p[0].numel()))  # p[0].numel() = fan-in (in / groups x kernel)
         elif name.startswith("convnext.") and leaf == "gamma":
             p.fill_(1.0)
         elif leaf == "bias":
@@ -157,40 +185,58 @@ def random_fill(std: float = 0.02, seed: int | None = None) -> Callable[[str, to
         elif leaf == "gamma":
             p.fill_(0.1)
         elif leaf in ("start_img", "end_img", "skip"):
-            p.copy_(torch.rand(p.shape, generator=gen))
+            p.copy_(torch.rand(p.shape, generator=self.gen))
         elif leaf == "in_proj_bias":  # CLIP's fused attention bias
             p.zero_()
         elif leaf in ("weight", "w1", "w2", "w3", "cls_token", "pos_embed", "mask_token", "in_proj_weight", "proj",
                       "class_embedding", "positional_embedding", "position_embedding", "query_tokens"):
-            normal_(p)
+            self._normal(p, self.std)
         else:
             raise AssertionError(f"init_weights has no rule for parameter {name}")
 
-    return fill
+    def _catch_up(self, name: str) -> None:
+        """Before `name` is drawn: the generator where it would be had the skipped parameters been drawn."""
+        skipped, self._skipped = self._skipped, []
+        if skipped and name in self.states:
+            self.gen.set_state(self.states[name])
+            return
+        for other, shape in skipped:
+            self(other, torch.empty(shape))  # drawn and dropped (and its state remembered)
 
 
 def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
-    """Random initialisation for training from scratch and latency work (`random_fill`)."""
-    fill = random_fill(std, seed)
+    """Random initialisation for training from scratch and latency work (`RandomFill`)."""
+    fill = RandomFill(std, seed)
     for name, p in model.named_parameters():
         fill(name, p)
     return model
 
 
+def in_parts(name: str, parts: Sequence[str]) -> bool:
+    """Whether the parameter or module `name` is one of `parts` or inside one ("llm" holds "llm.norm")."""
+    return any(name == part or name.startswith(part + ".") for part in parts)
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
-                on_module: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
+                on_module: Callable[[str, nn.Module], None] | None = None,
+                only: Sequence[str] | None = None) -> nn.Module:
     """Gives a model built on the meta device real weights, one module at a time: each parameter is
     allocated and set by `fill(name, tensor)` (in `named_parameters` order), and once a module's own
     parameters are in place `on_module(name, module)` may transform it, e.g. quantize a Linear. With
     a quantizing `on_module` the fp32 model never exists whole: memory stays near the transformed
-    model plus one module."""
+    model plus one module. `only`: the parts to make (e.g. ("dinov2", "llm.tok_embeddings")); the
+    others stay on the meta device (`fill.skip(name, shape)` is told about each of their parameters)."""
     for module_name, module in model.named_modules():
         for leaf, p in list(module.named_parameters(recurse=False)):
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if only is not None and not in_parts(name, only):
+                fill.skip(name, p.shape)
+                continue
             value = torch.empty(p.shape, dtype=p.dtype)
-            fill(f"{module_name}.{leaf}" if module_name else leaf, value)
+            fill(name, value)
             setattr(module, leaf, nn.Parameter(value, requires_grad=p.requires_grad))
-        if on_module is not None:
+        if on_module is not None and (only is None or in_parts(module_name, only)):
             on_module(module_name, module)
     return model
 

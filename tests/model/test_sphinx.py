@@ -107,12 +107,12 @@ def test_full_size_models_build_on_meta_without_memory():
 def test_a_model_materialised_module_by_module_has_the_weights_of_one_built_whole(size):
     """`materialize` with `random_fill` draws what `build_model` draws, so an export that makes random
     weights one module at a time exports the same model."""
-    from sphinx_edge.model.sphinx import SphinxModel, materialize, random_fill
+    from sphinx_edge.model.sphinx import RandomFill, SphinxModel, materialize
 
     whole = build_model(get_config(size), seed=4).state_dict()
     with torch.device("meta"):
         model = SphinxModel(get_config(size))
-    streamed = materialize(model, random_fill(seed=4)).state_dict()
+    streamed = materialize(model, RandomFill(seed=4)).state_dict()
     assert whole.keys() == streamed.keys()
     assert all(torch.equal(whole[k], streamed[k]) for k in whole)
 
@@ -121,7 +121,7 @@ def test_each_module_is_handed_over_before_the_next_one_gets_weights():
     """What keeps a large export's memory down: when `on_module` sees a module, its own weights are
     real and every module after it is still on the meta device (nothing allocated), so a quantizing
     hook never has the fp32 model whole."""
-    from sphinx_edge.model.sphinx import SphinxModel, materialize, random_fill
+    from sphinx_edge.model.sphinx import RandomFill, SphinxModel, materialize
 
     with torch.device("meta"):
         model = SphinxModel(get_config("test-tiny"))
@@ -135,5 +135,22 @@ def test_each_module_is_handed_over_before_the_next_one_gets_weights():
         mods = dict(model.named_modules())
         assert all(p.is_meta for n in later for p in mods[n].parameters(recurse=False))
 
-    materialize(model, random_fill(seed=0), look)
+    materialize(model, RandomFill(seed=0), look)
     assert seen == order
+
+
+def test_parts_made_on_their_own_have_the_weights_of_the_whole_model():
+    """`only`: one part of a model made without the rest (an export's reference runs one expert at a
+    time); the generator jumps over the skipped parts once it has seen them, and lands where drawing
+    them would have left it."""
+    from sphinx_edge.model.sphinx import RandomFill, SphinxModel, materialize
+
+    whole = build_model(get_config("test-tiny"), seed=2).state_dict()
+    fill = RandomFill(seed=2)
+    for part in ("dinov2", "llm", "start_img", "dinov2", "llm.tok_embeddings", "convnext"):  # draws, then jumps
+        with torch.device("meta"):
+            model = SphinxModel(get_config("test-tiny"))
+        materialize(model, fill.restart(), only=(part,))
+        made = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+        assert made and all(k == part or k.startswith(part + ".") for k in made)
+        assert all(torch.equal(v, whole[k]) for k, v in made.items()), part
