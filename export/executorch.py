@@ -28,6 +28,7 @@ from sphinx_edge.export.graphs import TextDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.memory import release_memory
 from sphinx_edge.export.onnx import quiet
 from sphinx_edge.export.options import ExportOptions, Format
+from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.stages import StageLog
 from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
@@ -214,7 +215,7 @@ def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | o
 
     log = log or StageLog()
     quantize = linear_quantizer(quant, group_size, vision_quant, delegate)
-    with log.stage("pte quantize, torch.export"):
+    with log.stage("pte quantize, torch.export"), shared_provenance():
         if isinstance(model, nn.Module):
             model = each_module(model if in_place else copy.deepcopy(model), quantize)
         else:  # a loader: quantizes each module as its weights arrive
@@ -225,7 +226,7 @@ def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | o
         methods = constant_methods(model, tokenizer_ids)
         programs = export_programs(model, embedding_quant, delegate)
         del model  # the programs hold the (quantized) weights they need
-    with log.stage(f"pte lower ({delegate})"), quiet(), _lowering_progress(log.say):
+    with log.stage(f"pte lower ({delegate})"), quiet(), _lowering_progress(log.say), shared_provenance():
         edge = to_edge_transform_and_lower(
             programs,
             partitioner=_partitioners(delegate),
@@ -233,7 +234,7 @@ def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | o
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         del programs  # the edge programs hold what they need
-    with log.stage("pte write"), quiet():
+    with log.stage("pte write"), quiet(), shared_provenance():
         program = edge.to_executorch(ExecutorchBackendConfig(
             sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS}))
         del edge

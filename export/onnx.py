@@ -31,6 +31,7 @@ from torch.export import Dim
 
 from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder
 from sphinx_edge.export.memory import release_memory
+from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.onnx_int8 import matmul_weights, quantize_matmuls_int8
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.runtime.manifest import decoder_io_names
@@ -58,7 +59,7 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
     """Exports straight to `path` (+ `path.data`): the weights stream from the module to disk
     instead of through an in-memory ModelProto, which would double a large model's memory.
     `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...)."""
-    with quiet(), torch.no_grad():
+    with quiet(), torch.no_grad(), shared_provenance():
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False,
                                     custom_translation_table=_translations())
