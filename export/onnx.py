@@ -65,7 +65,23 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
                                     custom_translation_table=_translations())
         _data_file(path).unlink(missing_ok=True)
         program.save(path, external_data=True)
+    del program
+    _forget_last_graph()
     tidy(path, dim_names or {})
+
+
+def _forget_last_graph() -> None:
+    """onnxscript's default rewrite rules are module-level objects whose matchers keep the last graph
+    they looked at, and with it the weights of the module just exported: on SPHINX-Tiny the vision
+    graph's 7.8 GB stayed alive while the decoder's graph was made (benchmarks/RESULTS.md, "Export on
+    a laptop"). Dropped here, so one graph's weights go before the next graph's are made."""
+    from onnxscript import rewriter
+
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        matcher = getattr(rule, "_matcher", None)
+        for held in ("_graph", "_current_node", "_match", "_tracer"):
+            if getattr(matcher, held, None) is not None:
+                setattr(matcher, held, None)
 
 
 def _group_query_attention_schema() -> onnx.defs.OpSchema:

@@ -178,3 +178,20 @@ def test_tampered_or_missing_files_are_refused(onnx_export, tmp_path):
         Pipeline(copy)
     with pytest.raises(ManifestError, match="no pte graphs"):
         Pipeline(out, "pte")
+
+
+def test_a_written_graph_lets_go_of_the_weights_it_was_made_from(tmp_path):
+    """Writing one graph keeps no reference to the model's weights (onnxscript's rewrite rules held on
+    to the last graph they matched): a large export frees one graph's weights before the next."""
+    import gc
+    import weakref
+
+    from sphinx_edge.export.onnx import vision_encoder_graph
+    from sphinx_edge.export.source import ModelSource
+
+    model = ModelSource("test-tiny", seed=0).load()
+    weight = weakref.ref(next(model.dinov2.parameters()))
+    vision_encoder_graph(model, tmp_path / "vision_encoder.onnx")
+    del model
+    gc.collect()
+    assert weight() is None
