@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,33 +228,75 @@ def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | o
         methods = constant_methods(model, tokenizer_ids)
         programs = export_programs(model, embedding_quant, delegate)
         del model  # the programs hold the (quantized) weights they need
-    with log.stage(f"pte lower ({delegate})"), quiet(), _lowering_progress(log.say), shared_provenance():
-        edge = to_edge_transform_and_lower(
-            programs,
-            partitioner=_partitioners(delegate),
-            constant_methods=methods,
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        )
-        del programs  # the edge programs hold what they need
-    with log.stage("pte write"), quiet(), shared_provenance():
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS}))
-        del edge
-        path = Path(out_dir) / "program.pte"
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            program.write_to_file(f)  # streamed: `program.buffer` would join the whole file in memory first
+    # The delegates' weight blobs wait on disk (next to the output) from their partition's lowering
+    # until the program is written, instead of in memory (`_xnnpack_lowering`).
+    with tempfile.TemporaryDirectory(prefix=".lowering-", dir=out_dir) as blobs:
+        with log.stage(f"pte lower ({delegate})"), quiet(), _xnnpack_lowering(log.say, blobs), shared_provenance():
+            edge = to_edge_transform_and_lower(
+                programs,
+                partitioner=_partitioners(delegate),
+                constant_methods=methods,
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            )
+            del programs  # the edge programs hold what they need
+            _drop_delegated_weights(edge)
+            release_memory()
+        with log.stage("pte write"), quiet(), shared_provenance():
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS}))
+            del edge
+            release_memory()
+            path = Path(out_dir) / "program.pte"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                program.write_to_file(f)  # streamed: `program.buffer` would join the whole file in memory first
+            del program
     return {"program": {"files": [path.name], "methods": list(METHODS), "delegate": delegate,
                         "constant_methods": sorted(methods)}}
 
 
+def _drop_delegated_weights(edge) -> None:
+    """Lets go of the weights the delegates have taken in: each LoweredBackendModule keeps its
+    partition's original program, state dict included, for its graph (debug handles, the output
+    count; `to_executorch` re-traces it with fake tensors), but nothing reads the weights' values
+    after lowering. Each becomes a view with its shape, strides and dtype into one zero buffer (as
+    large as the largest weight): the bytes written are the same."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    held = [(d, k, t) for name in edge.methods
+            for m in edge.exported_program(name).graph_module.modules() if isinstance(m, LoweredBackendModule)
+            for d in (m.original_module.state_dict, m.original_module.constants)
+            for k, t in d.items() if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
+    if not held:
+        return
+
+    def span(t: torch.Tensor) -> int:  # elements of its storage a tensor reaches
+        return t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+
+    zeros = torch.zeros(max(span(t) * t.element_size() for _, _, t in held), dtype=torch.uint8)
+    for d, k, t in held:
+        view = torch.as_strided(zeros[:span(t) * t.element_size()].view(t.dtype), t.shape, t.stride(),
+                                t.storage_offset())
+        d[k] = nn.Parameter(view, requires_grad=False) if isinstance(t, nn.Parameter) else view
+
+
 @contextlib.contextmanager
-def _lowering_progress(say: Callable[[str], None]):
-    """Reports each XNNPACK partition as it is compiled ("text_decoder: partition 4 of 23"): lowering
-    takes most of a large model's export, and ExecuTorch says nothing while it runs. (ExecuTorch
-    compiles a backend's partitions in one `preprocess_multimethod` call, one `preprocess` each.)"""
+def _xnnpack_lowering(say: Callable[[str], None], blobs: str | None = None):
+    """XNNPACK lowering that reports and keeps memory down (ExecuTorch 1.5's hooks; the bytes written
+    are the same):
+
+    * each partition is reported as it is compiled ("text_decoder: partition 4 of 23"): lowering takes
+      most of a large model's export, and ExecuTorch says nothing while it runs (it compiles a
+      backend's partitions in one `preprocess_multimethod` call, one `preprocess` each);
+    * the copies ExecuTorch makes of every partition before compiling any share their weights;
+    * each partition's packed weights go to a file in `blobs` until the program is written.
+
+    On SPHINX-Tiny the last two were 3.0 and 2.65 GB of the lowering's peak (benchmarks/RESULTS.md,
+    "Export on a laptop")."""
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
     own = dict(XnnpackBackend.__dict__)
+    from executorch.exir._serialize._cord import FileBackedData
+
     compile_one, compile_all = XnnpackBackend.preprocess, XnnpackBackend.preprocess_multimethod
     labels: list[str] = []
 
@@ -263,14 +307,32 @@ def _lowering_progress(say: Callable[[str], None]):
 
     def preprocess(edge_program, compile_specs):
         say(labels.pop() if labels else "a partition")
-        return compile_one(edge_program, compile_specs)
+        result = compile_one(edge_program, compile_specs)
+        if blobs is not None:  # the partition's weights, packed for XNNPACK: to disk until written
+            buffers = result.data_store_output.buffers
+            for i, data in enumerate(buffers):
+                if isinstance(data, bytes) and len(data) >= 1 << 16:
+                    fd, path = tempfile.mkstemp(dir=blobs, suffix=".bin")
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    buffers[i] = FileBackedData(path, cleanup=True, sha256=hashlib.sha256(data).digest())
+        return result
+
+    def copy_exported_program_for_preprocess(cls, edge_program, compile_specs):
+        # ExecuTorch deep-copies every partition before lowering any, weights included; preprocess
+        # replaces state-dict entries but never changes a tensor, so the copies share them (what
+        # CudaBackend does in its low-memory mode).
+        shared = {id(t): t for d in (edge_program.state_dict, edge_program.constants)
+                  for t in d.values() if isinstance(t, torch.Tensor)}
+        return copy.deepcopy(edge_program, shared)
 
     XnnpackBackend.preprocess = staticmethod(preprocess)
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_exported_program_for_preprocess)
     XnnpackBackend.preprocess_multimethod = classmethod(preprocess_multimethod)
     try:
         yield
     finally:
-        for name in ("preprocess", "preprocess_multimethod"):
+        for name in ("preprocess", "preprocess_multimethod", "copy_exported_program_for_preprocess"):
             if name in own:
                 setattr(XnnpackBackend, name, own[name])
             else:
