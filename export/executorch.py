@@ -34,7 +34,7 @@ from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.stages import StageLog
 from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
-from sphinx_edge.model.sphinx import SphinxModel, each_module
+from sphinx_edge.model.sphinx import TRIM_EVERY, SphinxModel, each_module
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
@@ -79,9 +79,6 @@ def linear_quantizer(quant: str, group_size: int, vision_quant: str,
             freed = 0
 
     return quantize
-
-
-TRIM_EVERY = 256 << 20
 
 
 class Int8Embedding(nn.Module):

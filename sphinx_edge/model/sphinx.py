@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from sphinx_edge.processes import release_free_memory
+
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.layout import clip_to_imagenet
 from sphinx_edge.model.clip_vit import CLIPViT
@@ -202,6 +204,8 @@ class RandomFill:
             return
         for other, shape in skipped:
             self(other, torch.empty(shape))  # drawn and dropped (and its state remembered)
+        if skipped:  # glibc keeps the dropped draws' blocks in its heap: SPHINX-Tiny's LLM left ~2 GB there
+            release_free_memory()
 
 
 def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None) -> SphinxModel:
@@ -210,6 +214,9 @@ def init_weights(model: SphinxModel, std: float = 0.02, seed: int | None = None)
     for name, p in model.named_parameters():
         fill(name, p)
     return model
+
+
+TRIM_EVERY = 256 << 20
 
 
 def in_parts(name: str, parts: Sequence[str]) -> bool:
@@ -227,6 +234,7 @@ def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
     a quantizing `on_module` the fp32 model never exists whole: memory stays near the transformed
     model plus one module. `only`: the parts to make (e.g. ("dinov2", "llm.tok_embeddings")); the
     others stay on the meta device (`fill.skip(name, shape)` is told about each of their parameters)."""
+    made = 0
     for module_name, module in model.named_modules():
         for leaf, p in list(module.named_parameters(recurse=False)):
             name = f"{module_name}.{leaf}" if module_name else leaf
@@ -236,6 +244,10 @@ def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
             value = torch.empty(p.shape, dtype=p.dtype)
             fill(name, value)
             setattr(module, leaf, nn.Parameter(value, requires_grad=p.requires_grad))
+            made += value.numel() * value.element_size()
+            if made >= TRIM_EVERY:  # the fills' temporaries stay in glibc's heap otherwise
+                release_free_memory()
+                made = 0
         if on_module is not None and (only is None or in_parts(module_name, only)):
             on_module(module_name, module)
     return model
