@@ -162,7 +162,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _onnx_stage(load: Callable[[], SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
+def _onnx_stage(load: Callable[..., SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
                 in_place: bool, log: StageLog) -> dict:
     """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`. (The graphs carry
     no tokenizer ids, and exporting leaves the model as it was.)"""
@@ -186,8 +186,8 @@ def _pte_stage(load: Callable[..., SphinxModel], stage: Path, options: ExportOpt
     from sphinx_edge.export.executorch import export_pte
 
     # In place: the loader quantizes each module as its weights arrive (no fp32 copy of the whole model).
-    return export_pte(load if in_place else load(), stage, quant=options.quant, group_size=options.group_size, vision_quant=options.vision,
-                      embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, log=log,
+    return export_pte(load if in_place else load(), stage, quant=options.quant, group_size=options.group_size,
+                      vision_quant=options.vision, embedding_quant=options.embedding_quant, tokenizer_ids=tokenizer_ids, log=log,
                       in_place=in_place, delegate=options.delegate, max_seq_len=options.max_seq_len)
 
 

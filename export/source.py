@@ -5,6 +5,7 @@ and memory work). Torch-free until a source is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ class ModelSource:
     checkpoint: str | None = None
     seed: int = 0
 
-    def load(self, on_module=None, only=None):  # -> SphinxModel
+    def load(self, on_module: Callable | None = None, only: Sequence[str] | None = None):  # -> SphinxModel
         """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights
         are in place (`model.sphinx.materialize`): random weights are made one module at a time, so
         a quantizing hook keeps the fp32 model from ever existing whole. `only`: the parts to make
