@@ -389,8 +389,9 @@ def clip_to_imagenet() -> tuple[np.ndarray, np.ndarray]:
     statistics, as DINOv2 reads them (the four-expert models undo it for CLIP and the Q-Former)."""
     clip_mean, clip_std = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
     in_mean, in_std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
-    gain = (clip_std / in_std).astype(np.float32)[:, None, None]
-    shift = ((clip_mean - in_mean) / in_std).astype(np.float32)[:, None, None]
+    # reshape, not [:, None, None]: that gives 0 strides, which ExecuTorch refuses in a graph constant.
+    gain = (clip_std / in_std).astype(np.float32).reshape(3, 1, 1)
+    shift = ((clip_mean - in_mean) / in_std).astype(np.float32).reshape(3, 1, 1)
     return gain, shift
 
 

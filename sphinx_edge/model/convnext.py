@@ -20,6 +20,16 @@ from sphinx_edge.config import ConvNeXtConfig
 from sphinx_edge.model.mlp import Mlp
 
 
+def nearest_resize(x: Tensor, side: int) -> Tensor:
+    """`F.interpolate(x, size=(side, side), mode="nearest")` as a gather of rows and columns: source
+    index floor(i * H / side) in integers. The same pixels in PyTorch, and exact in an exported graph:
+    onnxruntime's nearest Resize divides by the float scale side / H and lands one pixel short where
+    the quotient is whole (28 -> 32 px: output 8 read source 6, not 7)."""
+    rows = torch.arange(side, device=x.device) * x.shape[-2] // side
+    cols = torch.arange(side, device=x.device) * x.shape[-1] // side
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map (timm's LayerNorm2d).
 
@@ -84,7 +94,7 @@ class ConvNeXt(nn.Module):
         (with `input_size` S and `token_upsample` u: [N, 1 + (S/32*u)**2, dims[-1]])."""
         side, u = self.config.input_size, self.config.token_upsample
         if side:
-            x = F.interpolate(x, size=(side, side), mode="nearest")
+            x = nearest_resize(x, side)
         x = self.head["norm"](self.stages(self.stem(x)))
         if u > 1:
             x = x.repeat_interleave(u, dim=-1).repeat_interleave(u, dim=-2)

@@ -12,7 +12,7 @@ from transformers import ConvNextModel
 
 from conftest import assert_exports_at_any_view_count
 from sphinx_edge.config import _TEST_CONVNEXT, ConvNeXtConfig
-from sphinx_edge.model.convnext import ConvNeXt
+from sphinx_edge.model.convnext import ConvNeXt, nearest_resize
 
 # Our (timm) names -> transformers names.
 _TO_HF = [
@@ -127,3 +127,23 @@ def test_full_size_parameter_count() -> None:
     # 846.5M for the ImageNet-1k head, 879.7M for the ImageNet-12k one (11821 classes).
     assert round((n + 3073 * 1000) / 1e6, 1) == 846.5
     assert round((n + 3073 * 11821) / 1e6, 1) == 879.7
+
+
+@pytest.mark.parametrize("size,side", [(28, 32), (224, 256), (512, 512), (56, 64), (30, 32), (9, 5)])
+def test_nearest_resize_is_torchs_and_exact_in_onnx(size: int, side: int) -> None:
+    """The four-expert views' resize (224 -> 256 px; 28 -> 32 at test scale) picks torch's pixels, and
+    onnxruntime runs the exported graph to the same pixels (its own nearest Resize is one pixel off
+    at 28 -> 32)."""
+    import onnxruntime as ort
+
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    want = torch.nn.functional.interpolate(x, size=(side, side), mode="nearest")
+    assert torch.equal(nearest_resize(x, side), want)
+
+    class Resize(nn.Module):
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return nearest_resize(v, side)
+
+    program = torch.onnx.export(Resize(), (x,), dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    assert (session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] == want.numpy()).all()
