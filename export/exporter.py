@@ -242,9 +242,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
     fresh = not isinstance(model, SphinxModel)
     current: SphinxModel | None = None
     if isinstance(model, ModelSource):  # the stages load the weights (and refuse a checkpoint of another size)
-        from sphinx_edge.config import get_config
-
-        config, load, source = get_config(model.size), model.load, model.entry()
+        config, load, source = model.config, model.load, model.entry()
         isolated = _needs_own_processes(config)
     else:  # loaders take `on_module` (ModelSource.load), which only a fresh model may go through
         load = ((lambda on_module=None, only=None: each_module(model(), on_module)) if fresh else
@@ -290,9 +288,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         # The manifest goes in first so that verification loads the staged export as a user would.
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if options.verify:
-            # Part by part where parts are cheap to make: random weights (a checkpoint is read whole, for now).
-            streamed = isolated and source.get("random_init", False)
-            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, log, streamed)
+            # Part by part for large models: both sources make only the parts asked for.
+            manifest["verification"] = _verify(load, tokenizer, stage, graphs, options, log, isolated)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         manifest["export_stages"] = log.summary()
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sphinx_edge.bundled import bundled_weights
-from sphinx_edge.config import get_config, parameter_counts
+from sphinx_edge.config import SphinxConfig, get_config, parameter_counts
 from sphinx_edge.export.options import ExportError
 from sphinx_edge.runtime.manifest import sha256
 
@@ -27,9 +27,18 @@ class ModelSource:
     """Where an export's weights come from: a checkpoint directory, or random weights of `size`
     (seeded). Picklable, so that each stage can load the model in a process of its own."""
 
-    size: str
+    size: str | None  # None: whatever the checkpoint holds
     checkpoint: str | None = None
     seed: int = 0
+
+    @property
+    def config(self):  # -> SphinxConfig
+        """The model's configuration: the checkpoint's (described without reading its tensors), else the size's."""
+        if self.checkpoint:
+            from sphinx_edge.checkpoints import open_checkpoint
+
+            return open_checkpoint(self.checkpoint, self.size)[0]
+        return get_config(self.size)
 
     def load(self, on_module: Callable | None = None, only: Sequence[str] | None = None):  # -> SphinxModel
         """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights
@@ -38,18 +47,13 @@ class ModelSource:
         (the rest stays on the meta device), e.g. ("dinov2", "llm.tok_embeddings")."""
         import torch
 
-        from sphinx_edge.model.sphinx import SphinxModel, each_module, in_parts, materialize
+        from sphinx_edge.model.sphinx import SphinxModel, materialize
 
         if self.checkpoint:
             from sphinx_edge.checkpoints import load_model
 
-            # Refuses a checkpoint of another size. Read whole (for now), then cut down to `only`.
-            model = load_model(self.checkpoint, self.size).eval()
-            for module_name, module in model.named_modules() if only is not None else []:
-                for leaf, p in list(module.named_parameters(recurse=False)):
-                    if not in_parts(f"{module_name}.{leaf}" if module_name else leaf, only):
-                        setattr(module, leaf, torch.nn.Parameter(p.to("meta"), requires_grad=False))
-            return each_module(model, on_module)
+            # Streamed from the memory-mapped files like random weights; refuses another size.
+            return load_model(self.checkpoint, self.size, on_module=on_module, only=only)
         with torch.device("meta"):
             model = SphinxModel(get_config(self.size))
         return materialize(model, self._random_fill(), on_module, only).eval()  # = build_model(config, seed)
@@ -67,7 +71,7 @@ class ModelSource:
         if not self.checkpoint:
             return {"random_init": True, "seed": self.seed}
         folder = Path(self.checkpoint).resolve()
-        if folder == bundled_weights(self.size):
+        if self.size and folder == bundled_weights(self.size):
             return {"bundled": self.size, "weights": _weights_digest(folder)}
         return {"checkpoint": str(folder)}
 
@@ -80,9 +84,12 @@ def _weights_digest(folder: Path) -> dict[str, str]:
     return {f.name: sha256(f) for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".pth", ".bin")}
 
 
-def choose_source(size: str, checkpoint: str | Path | None, random_init: bool, tokenizer: Path | None,
+def choose_source(size: str | None, checkpoint: str | Path | None, random_init: bool, tokenizer: Path | None,
                   workdir: Path) -> tuple[ModelSource, Path]:
-    """The weights and the tokenizer.model of an export. Default: the bundled weights of `size`."""
+    """The weights and the tokenizer.model of an export. Default: the bundled weights of `size`; with a
+    checkpoint `size` may be None (the checkpoint says what it holds) or a check."""
+    if size is None and (random_init or checkpoint is None):
+        raise ExportError("give --size (or --checkpoint DIR: its model's size is read from its files)")
     if random_init:
         return ModelSource(size, seed=0), tokenizer or stand_in_tokenizer(get_config(size).llm.vocab_size, workdir)
     from sphinx_edge.checkpoints import tokenizer_path
@@ -113,17 +120,17 @@ def stand_in_tokenizer(vocab_size: int, workdir: Path) -> Path:
     return train_tokenizer(texts, workdir / "tokenizer.model", size)
 
 
-def memory_warning(size: str) -> str | None:
-    """A warning when exporting `size` needs more than half the available memory. No stage holds the
-    whole fp32 model: the largest holds one graph's fp32 parts, the vision experts' or the LLM's
-    (SPHINX-Tiny: 7.4 GiB of vision weights, an 8.2 GiB peak with the process around them;
+def memory_warning(config: SphinxConfig) -> str | None:
+    """A warning when exporting a model of `config` needs more than half the available memory. No stage
+    holds the whole fp32 model: the largest holds one graph's fp32 parts, the vision experts' or the
+    LLM's (SPHINX-Tiny: 7.4 GiB of vision weights, an 8.2 GiB peak with the process around them;
     benchmarks/RESULTS.md, "Export on a laptop")."""
-    counts = parameter_counts(get_config(size))
+    counts = parameter_counts(config)
     largest = max(counts["total"] - counts["llm"], counts["llm"])
     need = largest * 4 * 1.1 / 2**30
     free = _available_gib()
     if free is not None and need > 0.5 * free:
-        return f"exporting {size} needs about {need:.0f} GiB of memory; {free:.0f} GiB is available"
+        return f"exporting {config.name} needs about {need:.0f} GiB of memory; {free:.0f} GiB is available"
     return None
 
 

@@ -414,8 +414,9 @@ def warmup_encoders_cmd(
 
 @app.command("export")
 def export_cmd(
-    size: Annotated[str, typer.Option(help=f"Model size: {', '.join(SIZES)}.")],
     out: Annotated[Path, typer.Option(help="Output directory (created; refused if it holds another export).")],
+    size: Annotated[Optional[str], typer.Option(help=f"Model size: {', '.join(SIZES)}. With --checkpoint "
+                                                "optional: the checkpoint says what it holds (given, a check).")] = None,
     quant: Annotated[Quant, typer.Option(help="The LLM's linears: fp16 for onnx only.")] = Quant.INT4,
     fmt: Annotated[ExportFormat, typer.Option("--format", help="The graphs to write.")] = ExportFormat.ONNX,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model directory; default: the bundled weights of --size.")] = None,
@@ -453,7 +454,7 @@ def export_cmd(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    if size not in SIZES:
+    if size is not None and size not in SIZES:
         fail(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
     try:
         options = ExportOptions(quant=quant, formats=fmt.formats, vision_quant=vision_quant,
@@ -465,14 +466,14 @@ def export_cmd(
     from sphinx_edge.export.source import choose_source, memory_warning
     from sphinx_edge.tokenizer import Tokenizer
 
-    if warning := memory_warning(size):
-        console.print(f"[yellow]warning:[/] {warning}")
     with tempfile.TemporaryDirectory() as tmp:
         source, tok_file = choose_source(size, checkpoint, random_init, tokenizer, Path(tmp))
+        config = source.config
+        if warning := memory_warning(config):
+            console.print(f"[yellow]warning:[/] {warning}")
         tok = Tokenizer(tok_file)
-        vocab_size = get_config(size).llm.vocab_size
-        if tok.vocab_size > vocab_size:
-            fail(f"the tokenizer has {tok.vocab_size} pieces but {size!r} embeds only {vocab_size}")
+        if tok.vocab_size > config.llm.vocab_size:
+            fail(f"the tokenizer has {tok.vocab_size} pieces but {config.name!r} embeds only {config.llm.vocab_size}")
         started = time.perf_counter()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                       transient=True) as bar:

@@ -67,7 +67,7 @@ def guarded(command: F, report: Callable[[str], None]) -> F:
             if debug:
                 raise
             report(f"internal error ({type(e).__name__}: {user_message(e)}); this is a bug: "
-                   "please report it with the output of the same command run with --debug")
+                   "please report it with the output of the same command run as `sphinx-edge --debug ...`")
             raise typer.Exit(EXIT_BUG) from None
 
     return wrapper  # type: ignore[return-value]

@@ -201,6 +201,10 @@ def test_export_explains_missing_weights_and_bad_options(tmp_path):
     assert code == 2 and "SPHINX-Tiny" in out and "--random-init" in out
     code, out = run("export", "--size", "huge", "--out", tmp_path / "e")
     assert code == 2 and "unknown size 'huge'" in out
+    code, out = run("export", "--out", tmp_path / "e")
+    assert code == 2 and "give --size (or --checkpoint DIR" in out
+    code, out = run("export", "--random-init", "--out", tmp_path / "e")
+    assert code == 2 and "give --size" in out
     code, out = run("export", "--size", "test-tiny", "--quant", "fp16", "--format", "pte", "--random-init",
                     "--out", tmp_path / "e")
     assert code == 2 and "fp16 is not offered for pte graphs" in out and "--format onnx" in out

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sphinx_edge.checkpoints.strict import CheckpointError
 
-__all__ = ["CheckpointError", "load_model", "read_json", "tokenizer_path"]
+__all__ = ["CheckpointError", "load_model", "open_checkpoint", "read_json", "tokenizer_path"]
 
 
 def read_json(file: Path) -> Any:
@@ -25,21 +26,15 @@ def read_json(file: Path) -> Any:
         raise CheckpointError(f"{file} is not valid JSON ({e})") from e
 
 
-def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "float32"):
-    """A SphinxModel from a sphinx-edge or LLaMA2-Accessory directory, or an `hf://` source.
-
-    The configuration comes from the checkpoint (a released directory's is inferred from its files);
-    `size` (optional) is a check: a checkpoint of another family or shape is refused, naming what
-    differs. `dtype`: a torch dtype or its name; None keeps the checkpoint's own.
-    """
-    import torch
-
-    from sphinx_edge.checkpoints.accessory import is_accessory_dir, read_accessory
+def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (SphinxConfig, LazyTensors)
+    """The configuration and the tensors (memory-mapped, each read when asked for) of a sphinx-edge or
+    LLaMA2-Accessory directory, or an `hf://` source. The configuration comes from the checkpoint (a
+    released directory's is inferred from its tensors' shapes); `size` (optional) is a check: a
+    checkpoint of another family or shape is refused, naming what differs."""
+    from sphinx_edge.checkpoints.accessory import is_accessory_dir, open_accessory
     from sphinx_edge.checkpoints.hub import resolve
-    from sphinx_edge.checkpoints.native import is_native_dir, read_native
-    from sphinx_edge.checkpoints.strict import load_strict
+    from sphinx_edge.checkpoints.native import is_native_dir, open_native
     from sphinx_edge.config import SIZES
-    from sphinx_edge.model.sphinx import SphinxModel
 
     if size is not None and size not in SIZES:
         raise CheckpointError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
@@ -49,25 +44,40 @@ def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "f
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a file; expected a checkpoint directory")
     if is_native_dir(path):
-        config, state = read_native(path)
+        config, tensors = open_native(path)
         if size and config.name != size:
             raise CheckpointError(f"{path} holds a {config.name!r} model ({config.llm.family}), not {size!r}")
-    elif is_accessory_dir(path):
-        config, state = read_accessory(path, size)
-    elif (path / "config.json").exists():
+        return config, tensors
+    if is_accessory_dir(path):
+        return open_accessory(path, size)
+    if (path / "config.json").exists():
         read_json(path / "config.json")  # a broken file is named as such, not taken for another format
         raise CheckpointError(
             f"{path} looks like a Hugging Face LLM checkpoint: it is one part of a SPHINX model. "
             "Assemble a model from parts with `sphinx-edge assemble`."
         )
-    else:
-        raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
+    raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
+
+
+def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "float32",
+               on_module: Callable | None = None, only: Sequence[str] | None = None):
+    """A SphinxModel from a checkpoint (`open_checkpoint`; `size` is a check), eval. `dtype`: a torch
+    dtype or its name; None keeps the checkpoint's own. The model is made one parameter at a time
+    from the memory-mapped files (`model.sphinx.materialize`): `on_module(name, module)` is called on
+    each module once its weights are in, and `only` names the parts to read (the rest stays on the
+    meta device), so an export stage holds neither a second copy nor the parts it does not need."""
+    import torch
+
+    from sphinx_edge.checkpoints.strict import check_state_dict
+    from sphinx_edge.model.sphinx import SphinxModel, materialize
+
+    config, tensors = open_checkpoint(path, size)
     if dtype is None:  # the checkpoint's own: that of its token embedding
-        dtype = next(t.dtype for k, t in state.items() if k.endswith("tok_embeddings.weight"))
+        dtype = next(t.dtype for k, t in tensors.meta.items() if k.endswith("tok_embeddings.weight"))
     with torch.device("meta"):
         model = SphinxModel(config).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    load_strict(model, state, f"checkpoint {path}")
-    return model.eval()
+    check_state_dict(model, tensors.meta, f"checkpoint {tensors.source}")
+    return materialize(model, tensors, on_module, only).eval()
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:

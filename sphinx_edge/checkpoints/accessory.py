@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from sphinx_edge.checkpoints.convert import (
     internlm2_wqkv_to_fused,
     split_qkv,
 )
+from sphinx_edge.checkpoints.lazy import LazyTensors
 from sphinx_edge.checkpoints.strict import CheckpointError
 from sphinx_edge.checkpoints.infer import infer_config
 from sphinx_edge.config import RELEASED, SphinxConfig, get_config, released_config
@@ -89,17 +91,17 @@ def _merge_rule(key: str, n_experts: int):
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]], n_experts: int = 0) -> dict[str, torch.Tensor]:
-    merged = {}
-    for key in shards[0]:
-        parts = [s[key] for s in shards]
-        rule = _merge_rule(key, n_experts)
-        if rule == "experts":
-            merged[key] = torch.cat([p.view(n_experts, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
-        elif rule is None or len(parts) == 1:
-            merged[key] = parts[0]
-        else:
-            merged[key] = torch.cat(parts, dim=rule)
-    return merged
+    return {key: merge_key(key, [s[key] for s in shards], n_experts) for key in shards[0]}
+
+
+def merge_key(key: str, parts: list[torch.Tensor], n_experts: int = 0) -> torch.Tensor:
+    """One tensor from its tensor-parallel parts (`_merge_rule`)."""
+    rule = _merge_rule(key, n_experts)
+    if rule == "experts":
+        return torch.cat([p.view(n_experts, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
+    if rule is None or len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=rule)
 
 
 def split_shards(state: dict[str, torch.Tensor], mp: int, n_experts: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -140,37 +142,56 @@ def _n_experts(state: dict[str, torch.Tensor]) -> int:
     return 0 if gate is None else gate.shape[0]
 
 
-def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
+# How one of our tensors is made from Accessory's (merged) tensors: given a reader of those by key.
+Recipe = Callable[[Callable[[str], torch.Tensor]], torch.Tensor]
+
+
+def our_recipes(keys: Iterable[str], config: SphinxConfig) -> dict[str, Recipe]:
+    """Our name -> how to make it from Accessory's keys `keys` (renamed, q/k rows permuted to our RoPE
+    form and fused into wqkv, sparse experts stacked), without reading anything."""
     cfg = config.llm
-    out = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
+    out: dict[str, Recipe] = {}
+    qkv: dict[str, set[str]] = {}
+
+    def same(key: str) -> Recipe:
+        return lambda read: read(key)
+
+    for key in keys:
         if not key.startswith("llma."):
             raise CheckpointError(f"unexpected key {key!r}: LLaMA2-Accessory keys start with 'llma.'")
-        key = key[len("llma."):]
-        enc = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
+        name = key[len("llma."):]
+        enc = next((p for p in ENCODER_PREFIXES if name.startswith(p)), None)
         if enc:
-            out[ENCODER_PREFIXES[enc] + key[len(enc):]] = t
-        elif key.startswith(CLIP_TEXT_LEFTOVERS):
+            out[ENCODER_PREFIXES[enc] + name[len(enc):]] = same(key)
+        elif name.startswith(CLIP_TEXT_LEFTOVERS):
             continue
-        elif key.startswith(("visual_proj.", "qformer_proj.", "start_img", "end_img", "skip")):
-            out[key] = t
-        elif m := re.match(r"layers\.(\d+)\.attention\.(wq|wk|wv)\.weight$", key):
-            qkv.setdefault(m[1], {})[m[2]] = t
-        elif key.endswith("attention.wqkv.weight"):
-            out["llm." + key] = internlm2_wqkv_to_fused(t, cfg)
-        elif cfg.n_experts and key.endswith(SPARSE_EXPERTS):
-            experts = t.view(cfg.n_experts, -1, cfg.dim)  # [E, hidden, dim]
-            out["llm." + key] = experts.transpose(1, 2).contiguous() if key.endswith("w2") else experts
+        elif name.startswith(("visual_proj.", "qformer_proj.", "start_img", "end_img", "skip")):
+            out[name] = same(key)
+        elif m := re.match(r"layers\.(\d+)\.attention\.(wq|wk|wv)\.weight$", name):
+            qkv.setdefault(m[1], set()).add(m[2])
+        elif name.endswith("attention.wqkv.weight"):
+            out["llm." + name] = lambda read, key=key: internlm2_wqkv_to_fused(read(key), cfg)
+        elif cfg.n_experts and name.endswith(SPARSE_EXPERTS):
+            def experts(read, key=key):  # noqa: ANN001, ANN202
+                t = read(key).view(cfg.n_experts, -1, cfg.dim)  # [E, hidden, dim]
+                return t.transpose(1, 2).contiguous() if key.endswith("w2") else t
+            out["llm." + name] = experts
         else:
-            out["llm." + key] = t
+            out["llm." + name] = same(key)
     for layer, parts in qkv.items():
-        if set(parts) != {"wq", "wk", "wv"}:
-            raise CheckpointError(f"layer {layer} lacks attention weights {sorted({'wq', 'wk', 'wv'} - set(parts))}")
-        q = interleaved_to_half(parts["wq"], cfg.n_heads)
-        k = interleaved_to_half(parts["wk"], cfg.n_kv_heads)
-        out[f"llm.layers.{layer}.attention.wqkv.weight"] = fuse_qkv(q, k, parts["wv"])
+        if parts != {"wq", "wk", "wv"}:
+            raise CheckpointError(f"layer {layer} lacks attention weights {sorted({'wq', 'wk', 'wv'} - parts)}")
+
+        def fused(read, prefix=f"llma.layers.{layer}.attention."):  # noqa: ANN001, ANN202
+            q = interleaved_to_half(read(prefix + "wq.weight"), cfg.n_heads)
+            k = interleaved_to_half(read(prefix + "wk.weight"), cfg.n_kv_heads)
+            return fuse_qkv(q, k, read(prefix + "wv.weight"))
+        out[f"llm.layers.{layer}.attention.wqkv.weight"] = fused
     return out
+
+
+def to_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
+    return {name: make(state.__getitem__) for name, make in our_recipes(state, config).items()}
 
 
 def from_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict[str, torch.Tensor]:
@@ -197,8 +218,9 @@ def from_our_names(state: dict[str, torch.Tensor], config: SphinxConfig) -> dict
     return out
 
 
-def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[SphinxConfig, dict[str, torch.Tensor]]:
-    """Config and merged state dict (in our names) of a released SPHINX directory."""
+def open_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[SphinxConfig, LazyTensors]:
+    """Config and tensors (in our names, read on demand) of a released SPHINX directory. The shards are
+    memory-mapped: a tensor is read, and merged across shards, only when it is asked for."""
     path = Path(path)
     if not (path / "meta.json").exists():
         raise CheckpointError(f"{path} has no meta.json: not a LLaMA2-Accessory checkpoint directory")
@@ -216,12 +238,22 @@ def read_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
             raise CheckpointError(f"{file} does not hold {{'model': state_dict}}")
         shards.append(shard["model"])
     family = _family(path, meta, size)
-    state = merge_shards(shards, _n_experts(shards[0]))
+    n_experts = _n_experts(shards[0])
+    missing = [(i, k) for i, s in enumerate(shards[1:], 1) for k in shards[0] if k not in s]
+    if missing:
+        raise CheckpointError(f"{path}: shard {missing[0][0]} lacks {missing[0][1]!r} (and {len(missing) - 1} more)")
+    merged_meta = {k: merge_key(k, [s[k].to("meta") for s in shards], n_experts) for k in shards[0]}
     try:
-        config = infer_config(state, args, meta["llama_type"], family, size)
+        config = infer_config(merged_meta, args, meta["llama_type"], family, size)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return config, to_our_names(state, config)
+    recipes = our_recipes(merged_meta, config)
+
+    def read(key: str) -> torch.Tensor:
+        return merge_key(key, [s[key] for s in shards], n_experts)
+
+    return config, LazyTensors({name: (lambda make=make: make(read)) for name, make in recipes.items()},
+                               {name: make(merged_meta.__getitem__) for name, make in recipes.items()}, str(path))
 
 
 def write_accessory(model, path: str | os.PathLike, mp: int = 1) -> None:

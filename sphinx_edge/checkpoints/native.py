@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sphinx_edge.checkpoints.lazy import LazyTensors
 from sphinx_edge.checkpoints.strict import CheckpointError
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.io import atomic_path, write_text_atomic
@@ -44,8 +45,9 @@ def save_native(model, path: str | os.PathLike, tokenizer: str | os.PathLike | N
     return path
 
 
-def read_native(path: str | os.PathLike) -> tuple[SphinxConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
+    """The config and the (memory-mapped, read on demand) tensors of one of our directories."""
+    from safetensors import safe_open
 
     path = Path(path)
     try:
@@ -64,6 +66,15 @@ def read_native(path: str | os.PathLike) -> tuple[SphinxConfig, dict[str, torch.
     if not weights.exists():
         raise CheckpointError(f"{path} has a config.json but no model.safetensors")
     try:
-        return config, load_file(str(weights))
+        file = safe_open(str(weights), framework="pt")
+        meta = {k: _meta_tensor(file.get_slice(k)) for k in file.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise CheckpointError(f"cannot read {weights}: {e}") from e
+    read = {k: (lambda k=k: file.get_tensor(k)) for k in meta}
+    return config, LazyTensors(read, meta, str(weights))
+
+
+def _meta_tensor(view) -> torch.Tensor:  # noqa: ANN001 (a safetensors slice)
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
+    return torch.empty(view.get_shape(), dtype=dtypes[view.get_dtype()], device="meta")

@@ -27,7 +27,7 @@ def test_a_released_four_expert_checkpoint_exports_and_answers_as_torch(model_fa
     released = tmp_path / "released"
     write_released(model_factory(size, seed=21), released)
     shutil.copy(tokenizer_file, released / "tokenizer.model")
-    manifest = export_model(ModelSource(size, checkpoint=str(released)), Tokenizer(tokenizer_file),
+    manifest = export_model(ModelSource(None, checkpoint=str(released)), Tokenizer(tokenizer_file),
                             tmp_path / "export", ExportOptions(quant="fp32", formats=FORMATS[size]))
     assert manifest["model"]["name"] == size
     model = load_model(released)
