@@ -42,7 +42,7 @@ METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 def linear_quantizer(quant: str, group_size: int, vision_quant: str,
                      delegate: str = "xnnpack") -> Callable[[str, nn.Module], None]:
     """What the program does to a Linear, by where it sits (`on_module` of `ModelSource.load`): the
-    LLM's blocks and output int4 per group / int8 per channel, the vision experts' and projector's
+    LLM's blocks and output int4 per group / int8 per channel, the vision experts' and projectors'
     int8 per channel. XNNPACK: int8 dynamic activations too (8da4w / 8da8w); Core ML: weight-only
     int8, the form it folds into its constexpr dequantization ops (it has no dynamic activation
     quantization). Weights are quantized one Linear at a time and the freed fp32 memory handed back
@@ -67,8 +67,8 @@ def linear_quantizer(quant: str, group_size: int, vision_quant: str,
             return
         if name == "llm.output" or name.startswith("llm.layers."):
             chosen = llm
-        else:
-            chosen = vision if name.split(".", 1)[0] in ("convnext", "dinov2", "visual_proj") else None
+        else:  # the vision experts (CLIP and the Q-Former too, in the four-expert models) and projectors
+            chosen = None if name.startswith("llm.") else vision
         if chosen is None:
             return
         freed += module.weight.numel() * module.weight.element_size()

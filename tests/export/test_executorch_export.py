@@ -189,3 +189,18 @@ def test_int8_embedding_table_runs_on_executorchs_quantized_kernel(model_factory
     step = np.abs(table).max(axis=1, keepdims=True) / 127
     assert np.all(np.abs(got - table) <= step / 2 + 1e-7)
     assert not np.array_equal(got, table)  # it is quantized
+
+
+def test_every_vision_linear_is_quantized_in_four_expert_models(model_factory):
+    """int8 vision reaches CLIP, the Q-Former and both projectors too, not only ConvNeXt and DINOv2."""
+    from torch import nn
+
+    from sphinx_edge.export.executorch import linear_quantizer
+    from sphinx_edge.model.sphinx import each_module
+
+    model = each_module(model_factory("test-ens5"), linear_quantizer("int4", 32, "int8"))
+    linears = {name: type(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {name.split(".")[0] for name in linears} == {"clip", "convnext", "dinov2", "qformer", "visual_proj",
+                                                        "qformer_proj", "llm"}
+    fp32 = sorted(name for name, kind in linears.items() if kind is nn.Parameter)
+    assert not fp32, fp32
