@@ -253,7 +253,8 @@ def open_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
         return merge_key(key, [s[key] for s in shards], n_experts)
 
     return config, LazyTensors({name: (lambda make=make: make(read)) for name, make in recipes.items()},
-                               {name: make(merged_meta.__getitem__) for name, make in recipes.items()}, str(path))
+                               {name: make(merged_meta.__getitem__) for name, make in recipes.items()}, str(path),
+                               _shard_files(path))
 
 
 def write_accessory(model, path: str | os.PathLike, mp: int = 1) -> None:

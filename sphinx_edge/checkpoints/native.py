@@ -71,7 +71,7 @@ def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise CheckpointError(f"cannot read {weights}: {e}") from e
     read = {k: (lambda k=k: file.get_tensor(k)) for k in meta}
-    return config, LazyTensors(read, meta, str(weights))
+    return config, LazyTensors(read, meta, str(weights), [weights])
 
 
 def _meta_tensor(view) -> torch.Tensor:  # noqa: ANN001 (a safetensors slice)
