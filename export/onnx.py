@@ -259,10 +259,8 @@ def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, acc
         with quiet():
             proto = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=True)
     elif quant == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         with quiet():
-            quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=block_size, is_symmetric=True,
+            quantizer = matmul_nbits_quantizer()(onnx.load(src), block_size=block_size, is_symmetric=True,
                                              accuracy_level=accuracy_level)
             quantizer.process()
         proto = quantizer.model.model
@@ -283,6 +281,19 @@ def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, acc
     else:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     return save_graph(proto, dst)
+
+
+def matmul_nbits_quantizer() -> type:
+    """onnxruntime's MatMulNBitsQuantizer. Its module calls `logging.basicConfig(level=INFO)` when it is
+    imported, after which every library's INFO lines (ExecuTorch's "Looking for libcustom_ops_aot_lib.so")
+    reached the export's terminal; the root logger is put back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
 
 
 def _data_file(path: Path) -> Path:

@@ -195,3 +195,16 @@ def test_a_written_graph_lets_go_of_the_weights_it_was_made_from(tmp_path):
     del model
     gc.collect()
     assert weight() is None
+
+
+def test_the_int4_quantizer_leaves_the_root_logger_alone():
+    """onnxruntime's quantizer module configures the root logger at INFO when imported; the export puts
+    it back, so no library's INFO lines reach the user's terminal."""
+    import subprocess
+    import sys
+
+    script = ("import logging\nfrom sphinx_edge.export.onnx import matmul_nbits_quantizer\n"
+              "matmul_nbits_quantizer()\nroot = logging.getLogger()\n"
+              "print(len(root.handlers), logging.getLevelName(root.level))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", "WARNING"], done.stdout + done.stderr
