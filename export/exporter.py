@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sphinx_edge.bundled import VERIFY_IMAGE
 from sphinx_edge.config import SphinxConfig
@@ -25,10 +26,12 @@ from sphinx_edge.export.options import ExportError, ExportOptions, Format
 from sphinx_edge.export.source import ModelSource
 from sphinx_edge.export.stages import StageLog
 from sphinx_edge.io import publish_mode, replace_dir
-from sphinx_edge.model.sphinx import SphinxModel, each_module
 from sphinx_edge.runtime.manifest import FORMAT_VERSION, MANIFEST, ManifestError, file_entry, read_manifest
 from sphinx_edge.tokenizer import Tokenizer
 from sphinx_edge.versions import installed_versions
+
+if TYPE_CHECKING:  # the exporting process stays torch-free while a large model's stages run in theirs
+    from sphinx_edge.model.sphinx import SphinxModel
 
 COREML_HERE = ("not run: the vision encoder is a Core ML delegate, which runs on Apple devices only "
                "(ExecuTorch's Core ML runtime); check it there with `sphinx-edge run`")
@@ -239,12 +242,14 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
     the weights came from when `model` is not a ModelSource. `on_stage` receives each line of
     progress; the manifest's `export_stages` holds each stage's time and peak memory."""
     log = StageLog(on_stage)
-    fresh = not isinstance(model, SphinxModel)
     current: SphinxModel | None = None
     if isinstance(model, ModelSource):  # the stages load the weights (and refuse a checkpoint of another size)
         config, load, source = model.config, model.load, model.entry()
-        isolated = _needs_own_processes(config)
+        fresh, isolated = True, _needs_own_processes(config)
     else:  # loaders take `on_module` (ModelSource.load), which only a fresh model may go through
+        from sphinx_edge.model.sphinx import SphinxModel, each_module
+
+        fresh = not isinstance(model, SphinxModel)
         load = ((lambda on_module=None, only=None: each_module(model(), on_module)) if fresh else
                 (lambda on_module=None, only=None: model))  # the whole model, whatever parts are asked for
         with log.stage("load the model"):
@@ -266,6 +271,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
             if isolated:
                 graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
+                from sphinx_edge.model.sphinx import each_module
+
                 held, current = current, None  # a stage may quantize a fresh model in place: no longer fp32
                 get = load if held is None else (lambda on_module=None, only=None, m=held: each_module(m, on_module))
                 graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)

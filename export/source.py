@@ -32,13 +32,21 @@ class ModelSource:
     seed: int = 0
 
     @property
-    def config(self):  # -> SphinxConfig
-        """The model's configuration: the checkpoint's (described without reading its tensors), else the size's."""
-        if self.checkpoint:
-            from sphinx_edge.checkpoints import open_checkpoint
+    def config(self) -> SphinxConfig:
+        """The model's configuration: the checkpoint's (read without its tensors), else the size's. A
+        released directory's comes from its tensors' shapes, which takes torch: that is done in a
+        process of its own, so that the exporting process, whose memory adds to every stage's, never
+        holds torch's libraries (about 250 MiB) for a large model."""
+        if not self.checkpoint:
+            return get_config(self.size)
+        from sphinx_edge.checkpoints import checkpoint_config
+        from sphinx_edge.checkpoints.hub import resolve
+        from sphinx_edge.checkpoints.native import is_native_dir
+        from sphinx_edge.processes import run_in_child
 
-            return open_checkpoint(self.checkpoint, self.size)[0]
-        return get_config(self.size)
+        if is_native_dir(resolve(self.checkpoint)):  # its config.json
+            return checkpoint_config(self.checkpoint, self.size)
+        return run_in_child(checkpoint_config, self.checkpoint, self.size)
 
     def load(self, on_module: Callable | None = None, only: Sequence[str] | None = None):  # -> SphinxModel
         """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights

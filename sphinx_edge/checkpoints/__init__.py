@@ -13,7 +13,7 @@ from typing import Any
 
 from sphinx_edge.checkpoints.strict import CheckpointError
 
-__all__ = ["CheckpointError", "load_model", "open_checkpoint", "read_json", "tokenizer_path"]
+__all__ = ["CheckpointError", "checkpoint_config", "load_model", "open_checkpoint", "read_json", "tokenizer_path"]
 
 
 def read_json(file: Path) -> Any:
@@ -26,14 +26,10 @@ def read_json(file: Path) -> Any:
         raise CheckpointError(f"{file} is not valid JSON ({e})") from e
 
 
-def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (SphinxConfig, LazyTensors)
-    """The configuration and the tensors (memory-mapped, each read when asked for) of a sphinx-edge or
-    LLaMA2-Accessory directory, or an `hf://` source. The configuration comes from the checkpoint (a
-    released directory's is inferred from its tensors' shapes); `size` (optional) is a check: a
-    checkpoint of another family or shape is refused, naming what differs."""
-    from sphinx_edge.checkpoints.accessory import is_accessory_dir, open_accessory
+def _checkpoint_dir(path: str | os.PathLike, size: str | None) -> tuple[Path, str]:
+    """(the directory, its kind: "native" or "accessory"), or CheckpointError saying what it is not."""
     from sphinx_edge.checkpoints.hub import resolve
-    from sphinx_edge.checkpoints.native import is_native_dir, open_native
+    from sphinx_edge.checkpoints.native import is_native_dir
     from sphinx_edge.config import SIZES
 
     if size is not None and size not in SIZES:
@@ -44,12 +40,11 @@ def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (Sp
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a file; expected a checkpoint directory")
     if is_native_dir(path):
-        config, tensors = open_native(path)
-        if size and config.name != size:
-            raise CheckpointError(f"{path} holds a {config.name!r} model ({config.llm.family}), not {size!r}")
-        return config, tensors
+        return path, "native"
+    from sphinx_edge.checkpoints.accessory import is_accessory_dir  # (imports torch)
+
     if is_accessory_dir(path):
-        return open_accessory(path, size)
+        return path, "accessory"
     if (path / "config.json").exists():
         read_json(path / "config.json")  # a broken file is named as such, not taken for another format
         raise CheckpointError(
@@ -57,6 +52,37 @@ def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (Sp
             "Assemble a model from parts with `sphinx-edge assemble`."
         )
     raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
+
+
+def _native_config(path: Path, size: str | None):  # -> SphinxConfig
+    from sphinx_edge.checkpoints.native import native_config
+
+    config = native_config(path)
+    if size and config.name != size:
+        raise CheckpointError(f"{path} holds a {config.name!r} model ({config.llm.family}), not {size!r}")
+    return config
+
+
+def checkpoint_config(path: str | os.PathLike, size: str | None = None):  # -> SphinxConfig
+    """The configuration of a checkpoint (`open_checkpoint`'s), reading no tensor. Ours comes from its
+    config.json without importing torch; a released directory's needs its shapes (torch)."""
+    path, kind = _checkpoint_dir(path, size)
+    return _native_config(path, size) if kind == "native" else open_checkpoint(path, size)[0]
+
+
+def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (SphinxConfig, LazyTensors)
+    """The configuration and the tensors (memory-mapped, each read when asked for) of a sphinx-edge or
+    LLaMA2-Accessory directory, or an `hf://` source. The configuration comes from the checkpoint (a
+    released directory's is inferred from its tensors' shapes); `size` (optional) is a check: a
+    checkpoint of another family or shape is refused, naming what differs."""
+    from sphinx_edge.checkpoints.accessory import open_accessory
+    from sphinx_edge.checkpoints.native import open_native
+
+    path, kind = _checkpoint_dir(path, size)
+    if kind == "native":
+        _native_config(path, size)
+        return open_native(path)
+    return open_accessory(path, size)
 
 
 def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "float32",

@@ -7,12 +7,16 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from sphinx_edge.checkpoints.lazy import LazyTensors
 from sphinx_edge.checkpoints.strict import CheckpointError
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.io import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from sphinx_edge.checkpoints.lazy import LazyTensors
 
 FORMAT = "sphinx-edge"
 VERSION = 1
@@ -45,10 +49,8 @@ def save_native(model, path: str | os.PathLike, tokenizer: str | os.PathLike | N
     return path
 
 
-def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
-    """The config and the (memory-mapped, read on demand) tensors of one of our directories."""
-    from safetensors import safe_open
-
+def native_config(path: str | os.PathLike) -> SphinxConfig:
+    """The configuration of one of our directories, from its config.json (no torch needed)."""
     path = Path(path)
     try:
         meta = json.loads((path / "config.json").read_text())
@@ -62,9 +64,19 @@ def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
         config = SphinxConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'} holds an invalid model config: {e}") from e
-    weights = path / "model.safetensors"
-    if not weights.exists():
+    if not (path / "model.safetensors").exists():
         raise CheckpointError(f"{path} has a config.json but no model.safetensors")
+    return config
+
+
+def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
+    """The config and the (memory-mapped, read on demand) tensors of one of our directories."""
+    from safetensors import safe_open
+
+    from sphinx_edge.checkpoints.lazy import LazyTensors
+
+    config = native_config(path)
+    weights = Path(path) / "model.safetensors"
     try:
         file = safe_open(str(weights), framework="pt")
         meta = {k: _meta_tensor(file.get_slice(k)) for k in file.keys()}
@@ -75,6 +87,8 @@ def open_native(path: str | os.PathLike) -> tuple[SphinxConfig, LazyTensors]:
 
 
 def _meta_tensor(view) -> torch.Tensor:  # noqa: ANN001 (a safetensors slice)
+    import torch
+
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
     return torch.empty(view.get_shape(), dtype=dtypes[view.get_dtype()], device="meta")

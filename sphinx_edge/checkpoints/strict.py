@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch-free to import: CheckpointError is raised before any tensor is read
+    import torch
+    from torch import nn
 
 
 class CheckpointError(ValueError):

@@ -207,3 +207,28 @@ def test_sigkill_leaves_no_process_and_the_next_export_sweeps_the_stage(tokenize
                     "--out", tmp_path / "other", "--no-verify")
     assert code == 0, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+@pytest.mark.parametrize("kind", ["random", "checkpoint"])
+def test_the_exporting_process_stays_free_of_torch_while_stages_run(kind, model_factory, tokenizer_file, tmp_path):
+    """A large model's stages run in processes of their own; the process that starts them never imports
+    torch (its ~250 MiB would add to every stage's peak), whether the weights are random or a checkpoint's."""
+    from sphinx_edge.checkpoints.native import save_native
+    from tests.conftest import run_torch_free
+
+    source = "ModelSource('test-tiny', seed=3)"
+    if kind == "checkpoint":
+        save_native(model_factory("test-tiny", seed=3), tmp_path / "ckpt", tokenizer=tokenizer_file)
+        source = f"ModelSource(None, checkpoint={str(tmp_path / 'ckpt')!r})"
+    done = run_torch_free(f"""
+        from sphinx_edge.export import exporter
+        from sphinx_edge.export.exporter import ExportOptions, export_model
+        from sphinx_edge.export.source import ModelSource
+        from sphinx_edge.tokenizer import Tokenizer
+        exporter.OWN_PROCESS_BYTES = 0  # test-tiny counts as large
+        manifest = export_model({source}, Tokenizer({tokenizer_file!r}), {str(tmp_path / 'e')!r},
+                                ExportOptions(quant="int8", formats=("onnx",), verify=False))
+        print(manifest["model"]["name"], sorted(manifest["files"]))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("test-tiny") and "decoder.onnx" in done.stdout
