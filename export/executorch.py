@@ -32,7 +32,7 @@ from sphinx_edge.export.onnx import quiet
 from sphinx_edge.export.options import ExportOptions, Format
 from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.stages import StageLog
-from sphinx_edge.export.xnnpack_rewrites import VISION_FOR_XNNPACK, prepare_vision_for_xnnpack
+from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
 from sphinx_edge.model.sphinx import TRIM_EVERY, SphinxModel, each_module
 
@@ -156,7 +156,7 @@ def export_programs(model: SphinxModel, embedding_quant: str,
     with quiet(), torch.no_grad():
         programs["vision_encoder"] = torch.export.export(VisionEncoder(model), (pixels,))
         if delegate == "xnnpack":
-            programs["vision_encoder"] = programs["vision_encoder"].run_decompositions(VISION_FOR_XNNPACK)
+            programs["vision_encoder"] = programs["vision_encoder"].run_decompositions(ATTENTION_AS_MATMULS)
         programs["token_embedding"] = torch.export.export(
             embedding, (torch.zeros(1, 3, dtype=torch.long),), dynamic_shapes=({1: seq},))
         programs["text_decoder"] = torch.export.export(

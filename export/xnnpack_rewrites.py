@@ -13,10 +13,6 @@ than onnxruntime's. The rest went to three things, each fixed here without chang
   decomposes it into batched matmuls and a softmax instead.
 * DINOv2's position embeddings were resized (bicubic, index and clamp ops) on every call (0.3 s): a
   view has a fixed size, so the resized table is kept as a constant.
-
-LayerNorm, which XNNPACK has no operator for, is decomposed into ops it has (`VISION_FOR_XNNPACK`),
-so the encoder is a few delegate partitions instead of one per norm: that cut ExecuTorch's lowering
-time (a fixed cost per partition) and the portable kernels between partitions.
 """
 
 from __future__ import annotations
@@ -92,35 +88,14 @@ def _attention_as_matmuls(query: Tensor, key: Tensor, value: Tensor, attn_mask: 
     return torch.bmm(weights, v).reshape(*batch, t, v.shape[-1])
 
 
-def _mean_of_rows(x: Tensor) -> Tensor:
-    """The mean over the last axis, keepdim, as XNNPACK takes a mean: 4-D over the two inner axes (its
-    global average pooling). Static shapes only (XNNPACK refuses a symbolic reshape): the vision views."""
-    c = x.shape[-1]
-    return torch.ops.aten.mean.dim(x.reshape(1, -1, c, 1), [2, 3], True).reshape(*x.shape[:-1], 1)
-
-
-def _layer_norm_as_pooling(x: Tensor, normalized_shape: list[int], weight: Tensor | None = None,
-                           bias: Tensor | None = None, eps: float = 1e-5, cudnn_enable: bool = True) -> Tensor:
-    if len(normalized_shape) != 1:
-        return NotImplemented  # (the decomposition table's "leave it as it is")
-    centred = x - _mean_of_rows(x)
-    y = centred * torch.rsqrt(_mean_of_rows(centred * centred) + eps)
-    y = y if weight is None else y * weight
-    return y if bias is None else y + bias
-
-
-# For `ExportedProgram.run_decompositions` of the vision encoder: only these ops are decomposed, the
-# rest stays as it is. LayerNorm has no XNNPACK operator: each one cut the encoder into two delegate
-# partitions and ran in ExecuTorch's portable kernel between them (SPHINX-Nano's vision method: 13
-# partitions, 4 with this; ExecuTorch's lowering passes cost about 1.5 s per partition).
-VISION_FOR_XNNPACK = {torch.ops.aten.scaled_dot_product_attention.default: _attention_as_matmuls,
-                      torch.ops.aten.layer_norm.default: _layer_norm_as_pooling}
+# For `ExportedProgram.run_decompositions`: only this op is decomposed, the rest stays as it is.
+ATTENTION_AS_MATMULS = {torch.ops.aten.scaled_dot_product_attention.default: _attention_as_matmuls}
 
 
 def prepare_vision_for_xnnpack(model: nn.Module) -> None:
     """The SPHINX model's vision experts (in place) as XNNPACK runs them whole: large depthwise
-    convolutions split, DINOv2's position embeddings fixed for its view size. Attention and LayerNorm
-    are handled at export (`VISION_FOR_XNNPACK`)."""
+    convolutions split, DINOv2's position embeddings fixed for its view size. Attention is handled at
+    export (`ATTENTION_AS_MATMULS`)."""
     split_depthwise_convs(model.convnext)
     size = model.config.dinov2.image_size
     model.dinov2.fix_input_size(size, size)
