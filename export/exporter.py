@@ -246,6 +246,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
     if isinstance(model, ModelSource):  # the stages load the weights (and refuse a checkpoint of another size)
         config, load, source = model.config, model.load, model.entry()
         fresh, isolated = True, _needs_own_processes(config)
+        if not isolated:  # a small model's stages run in this process
+            from sphinx_edge.model.sphinx import each_module
     else:  # loaders take `on_module` (ModelSource.load), which only a fresh model may go through
         from sphinx_edge.model.sphinx import SphinxModel, each_module
 
@@ -271,8 +273,6 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
             if isolated:
                 graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
-                from sphinx_edge.model.sphinx import each_module
-
                 held, current = current, None  # a stage may quantize a fresh model in place: no longer fp32
                 get = load if held is None else (lambda on_module=None, only=None, m=held: each_module(m, on_module))
                 graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)

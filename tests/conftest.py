@@ -126,7 +126,7 @@ def nano_int4_pte(tmp_path_factory):
     return out
 
 
-def run_torch_free(body: str):
+def run_torch_free(body: str, timeout: float = 120):
     """Runs `body` (Python source) in a fresh interpreter where importing torch fails, and checks at the
     end that nothing imported it: the runtime's promise. Returns the CompletedProcess."""
     import subprocess
@@ -141,7 +141,7 @@ def run_torch_free(body: str):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, Block())
     """) + textwrap.dedent(body) + '\nassert "torch" not in sys.modules\n'
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -229,6 +229,6 @@ def test_the_exporting_process_stays_free_of_torch_while_stages_run(kind, model_
         manifest = export_model({source}, Tokenizer({tokenizer_file!r}), {str(tmp_path / 'e')!r},
                                 ExportOptions(quant="int8", formats=("onnx",), verify=False))
         print(manifest["model"]["name"], sorted(manifest["files"]))
-    """)
+    """, timeout=600)  # a spawned export: slow beside other tests on 2 cores
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("test-tiny") and "decoder.onnx" in done.stdout
