@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
+
+from sphinx_edge.processes import release_free_memory
 
 
 def release_memory() -> None:
@@ -11,7 +12,4 @@ def release_memory() -> None:
     blocks (weights under its 32 MB mmap threshold) in the heap, so without the trim a dropped
     model would still count in the process's memory while the next stage loads its graphs."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_free_memory()

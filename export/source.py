@@ -5,6 +5,7 @@ and memory work). Torch-free until a source is loaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class ModelSource:
     checkpoint: str | None = None
     seed: int = 0
 
-    @property
+    @functools.cached_property  # (asked by the CLI and the exporter; a released directory's costs a process)
     def config(self) -> SphinxConfig:
         """The model's configuration: the checkpoint's (read without its tensors), else the size's. A
         released directory's comes from its tensors' shapes, which takes torch: that is done in a

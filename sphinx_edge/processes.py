@@ -13,6 +13,7 @@ that the `finally` / `except BaseException` clean-ups that Ctrl-C runs also run 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import multiprocessing
@@ -21,7 +22,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sphinx_edge.errors import UserError
@@ -156,15 +157,44 @@ def _glibc():
     """glibc's C library where this process runs on it (None on musl, macOS, Windows)."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         return libc
     except (OSError, AttributeError):
         return None
+
+
+MADV_DONTNEED = 4
+
+
+def file_mappings(files: Sequence[os.PathLike | str]) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of `files` (resolved paths; Linux's /proc/self/maps);
+    [] elsewhere."""
+    wanted = {str(f) for f in files}
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines() if wanted else []
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in wanted:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            found.append((start, end))
+    return found
+
+
+def drop_mapped_pages(mappings: list[tuple[int, int]]) -> None:
+    """Hands back the pages read of private, read-only file mappings (`file_mappings`): a later read
+    faults them in from the file again. Never for anonymous memory, which the same advice zeroes."""
+    libc = _glibc()
+    if libc is not None:
+        for start, end in mappings:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -54,10 +54,8 @@ def _checkpoint_dir(path: str | os.PathLike, size: str | None) -> tuple[Path, st
     raise CheckpointError(f"{path} is not a sphinx-edge or LLaMA2-Accessory checkpoint directory")
 
 
-def _native_config(path: Path, size: str | None):  # -> SphinxConfig
-    from sphinx_edge.checkpoints.native import native_config
-
-    config = native_config(path)
+def _of_size(path: Path, config, size: str | None):  # SphinxConfig -> SphinxConfig
+    """`config` (one of our directories'), if it is of `size` (when given)."""
     if size and config.name != size:
         raise CheckpointError(f"{path} holds a {config.name!r} model ({config.llm.family}), not {size!r}")
     return config
@@ -66,8 +64,10 @@ def _native_config(path: Path, size: str | None):  # -> SphinxConfig
 def checkpoint_config(path: str | os.PathLike, size: str | None = None):  # -> SphinxConfig
     """The configuration of a checkpoint (`open_checkpoint`'s), reading no tensor. Ours comes from its
     config.json without importing torch; a released directory's needs its shapes (torch)."""
+    from sphinx_edge.checkpoints.native import native_config
+
     path, kind = _checkpoint_dir(path, size)
-    return _native_config(path, size) if kind == "native" else open_checkpoint(path, size)[0]
+    return _of_size(path, native_config(path), size) if kind == "native" else open_checkpoint(path, size)[0]
 
 
 def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (SphinxConfig, LazyTensors)
@@ -80,8 +80,8 @@ def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (Sp
 
     path, kind = _checkpoint_dir(path, size)
     if kind == "native":
-        _native_config(path, size)
-        return open_native(path)
+        config, tensors = open_native(path)
+        return _of_size(path, config, size), tensors
     return open_accessory(path, size)
 
 

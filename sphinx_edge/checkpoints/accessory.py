@@ -228,8 +228,8 @@ def open_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
     args = read_json(path / "config.json") if (path / "config.json").exists() else {}
     if not isinstance(meta, dict) or not isinstance(args, dict):
         raise CheckpointError(f"{path}: meta.json and config.json must each hold a JSON object")
-    shards = []
-    for file in _shard_files(path):
+    shards, files = [], _shard_files(path)
+    for file in files:
         try:
             shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -253,8 +253,7 @@ def open_accessory(path: str | os.PathLike, size: str | None = None) -> tuple[Sp
         return merge_key(key, [s[key] for s in shards], n_experts)
 
     return config, LazyTensors({name: (lambda make=make: make(read)) for name, make in recipes.items()},
-                               {name: make(merged_meta.__getitem__) for name, make in recipes.items()}, str(path),
-                               _shard_files(path))
+                               {name: make(merged_meta.__getitem__) for name, make in recipes.items()}, str(path), files)
 
 
 def write_accessory(model, path: str | os.PathLike, mp: int = 1) -> None:

@@ -9,13 +9,13 @@ the LLM: no stage holds a second copy of the weights it loads.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from sphinx_edge.checkpoints.strict import CheckpointError
+from sphinx_edge.processes import drop_mapped_pages, file_mappings
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -31,6 +31,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                  source: str, files: Sequence[Path] = ()) -> None:
         self.read, self.meta, self.source = read, meta, source
         self.files = [Path(f).resolve() for f in files]
+        self._mappings: list[tuple[int, int]] | None = None  # the files' mappings, found at the first fill
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -49,29 +50,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     @torch.no_grad()
     def __call__(self, name: str, p: torch.Tensor) -> None:
         p.copy_(self[name])
-        drop_file_pages(self.files)
+        if self._mappings is None:  # mapped when the files were opened: they stay where they are
+            self._mappings = file_mappings(self.files)
+        drop_mapped_pages(self._mappings)
 
     def skip(self, name: str, shape: torch.Size) -> None:
         pass
 
-
-MADV_DONTNEED = 4
-
-
-def drop_file_pages(files: Sequence[Path]) -> None:
-    """Hands back the pages this process has read of its (private, read-only) mappings of `files`: a
-    later read faults them in from the file again. Only file-backed mappings are touched (the same
-    advice on anonymous memory would zero it). Linux; elsewhere nothing happens."""
-    if not files:
-        return
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    wanted = {str(f) for f in files}
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] in wanted:
-            start, end = (int(a, 16) for a in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
