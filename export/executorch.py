@@ -32,6 +32,7 @@ from sphinx_edge.export.onnx import quiet
 from sphinx_edge.export.options import ExportOptions, Format
 from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.stages import StageLog
+from sphinx_edge.export.xnnpack_passes import only_passes_that_act
 from sphinx_edge.export.xnnpack_rewrites import ATTENTION_AS_MATMULS, prepare_vision_for_xnnpack
 from sphinx_edge.io import atomic_path
 from sphinx_edge.model.sphinx import TRIM_EVERY, SphinxModel, each_module
@@ -228,7 +229,8 @@ def export_pte(model: SphinxModel | Callable[..., SphinxModel], out_dir: str | o
     # The delegates' weight blobs wait on disk (next to the output) from their partition's lowering
     # until the program is written, instead of in memory (`_xnnpack_lowering`).
     with tempfile.TemporaryDirectory(prefix=".lowering-", dir=out_dir) as blobs:
-        with log.stage(f"pte lower ({delegate})"), quiet(), _xnnpack_lowering(log.say, blobs), shared_provenance():
+        with log.stage(f"pte lower ({delegate})"), quiet(), _xnnpack_lowering(log.say, blobs), shared_provenance(), \
+                only_passes_that_act():
             edge = to_edge_transform_and_lower(
                 programs,
                 partitioner=_partitioners(delegate),
