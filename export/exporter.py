@@ -252,8 +252,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         from sphinx_edge.model.sphinx import SphinxModel, each_module
 
         fresh = not isinstance(model, SphinxModel)
-        load = ((lambda on_module=None, only=None: each_module(model(), on_module)) if fresh else
-                (lambda on_module=None, only=None: model))  # the whole model, whatever parts are asked for
+        load = ((lambda on_module=None, only=None, store=None: each_module(model(), on_module)) if fresh else
+                (lambda on_module=None, only=None, store=None: model))  # the whole model, whatever parts are asked for
         with log.stage("load the model"):
             current = load()
         config, isolated = current.config, False
@@ -274,7 +274,7 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                 graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
                 held, current = current, None  # a stage may quantize a fresh model in place: no longer fp32
-                get = load if held is None else (lambda on_module=None, only=None, m=held: each_module(m, on_module))
+                get = load if held is None else (lambda on_module=None, only=None, store=None, m=held: each_module(m, on_module))
                 graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)
                 del held, get
             release_memory()

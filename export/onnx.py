@@ -30,7 +30,7 @@ import torch
 from torch.export import Dim
 
 from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncoder
-from sphinx_edge.export.memory import release_memory
+from sphinx_edge.export.memory import ScratchWeights, release_memory
 from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.onnx_int8 import matmul_weights, quantize_matmuls_int8
 from sphinx_edge.model.sphinx import SphinxModel
@@ -55,16 +55,25 @@ def quiet():
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-            dynamic_shapes, path: Path, dim_names: dict[str, dict[int, str]] | None = None) -> None:
+            dynamic_shapes, path: Path, dim_names: dict[str, dict[int, str]] | None = None,
+            store: ScratchWeights | None = None) -> None:
     """Exports straight to `path` (+ `path.data`): the weights stream from the module to disk
     instead of through an in-memory ModelProto, which would double a large model's memory.
-    `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...)."""
+    `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...). `store`: the
+    scratch file the weights live in, whose pages are handed back after each initializer is written."""
+    import onnx_ir
+
     with quiet(), torch.no_grad(), shared_provenance():
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False,
                                     custom_translation_table=_translations())
         _data_file(path).unlink(missing_ok=True)
-        program.save(path, external_data=True)
+        # What `program.save(path, external_data=True)` does, with a word after each tensor (the
+        # callback comes before each write: the one before has been written then)
+        onnx_ir.save(program.model, path, external_data=_data_file(path).name,
+                     callback=(lambda tensor, info: store.written()) if store else None)
+        if store:
+            store.written()
     del program
     _forget_last_graph()
     tidy(path, dim_names or {})
@@ -220,20 +229,20 @@ def fuse_gelu(proto: onnx.ModelProto) -> int:
     return sum(node is not None for node in replaced.values())
 
 
-def vision_encoder_graph(model: SphinxModel, path: Path) -> None:
+def vision_encoder_graph(model: SphinxModel, path: Path, store: ScratchWeights | None = None) -> None:
     cfg = model.config
     pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
     _export(VisionEncoder(model), (pixels,), ["pixel_values"], ["image_embeds"],
-            ({0: Dim("num_views", min=1, max=64)},), path)
+            ({0: Dim("num_views", min=1, max=64)},), path, store=store)
 
 
-def token_embedding_graph(model: SphinxModel, path: Path) -> None:
+def token_embedding_graph(model: SphinxModel, path: Path, store: ScratchWeights | None = None) -> None:
     ids = torch.zeros(1, 3, dtype=torch.long)
     _export(TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], ({1: Dim.DYNAMIC},), path,
-            {"input_ids": {1: "sequence_length"}})
+            {"input_ids": {1: "sequence_length"}}, store)
 
 
-def decoder_graph(model: SphinxModel, path: Path) -> None:
+def decoder_graph(model: SphinxModel, path: Path, store: ScratchWeights | None = None) -> None:
     c = model.config.llm
     past, seq = 2, 3
     embeds = torch.zeros(1, seq, c.dim)
@@ -245,7 +254,7 @@ def decoder_graph(model: SphinxModel, path: Path) -> None:
     shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in cache))
     names = {"inputs_embeds": {1: "sequence_length"}, "attention_mask": {1: "total_sequence_length"},
              "position_ids": {1: "sequence_length"}, **{name: {2: "past_sequence_length"} for name in inputs[3:]}}
-    _export(PastKVDecoder(model), (embeds, mask, positions, *cache), inputs, outputs, shapes, path, names)
+    _export(PastKVDecoder(model), (embeds, mask, positions, *cache), inputs, outputs, shapes, path, names, store)
 
 
 def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> list[Path]:
@@ -344,14 +353,16 @@ GRAPHS = {"vision_encoder": (vision_encoder_graph, VISION_PARTS),
 
 def write_graphs(load: Callable[..., SphinxModel], out_dir: Path, on_stage=None) -> dict[str, Path]:
     """The three fp32 graphs in `out_dir`; {graph: .onnx path} (each with its `.onnx.data`). `load(only=
-    parts)` gives a model with (at least) those parts' weights; one graph's model is let go before the
-    next is made."""
+    parts, store=...)` gives a model with (at least) those parts' weights, in a scratch file in `out_dir`
+    where it makes them (`ScratchWeights`: the graph's fp32 weights never all resident); one graph's
+    model is let go before the next is made."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, (build, parts) in GRAPHS.items():
         if on_stage:
             on_stage(name)
-        build(load(only=parts), out_dir / f"{name}.onnx")
+        with ScratchWeights(out_dir) as store:
+            build(load(only=parts, store=store), out_dir / f"{name}.onnx", store)
         release_memory()
         paths[name] = out_dir / f"{name}.onnx"
     return paths

@@ -49,11 +49,13 @@ class ModelSource:
             return checkpoint_config(self.checkpoint, self.size)
         return run_in_child(checkpoint_config, self.checkpoint, self.size)
 
-    def load(self, on_module: Callable | None = None, only: Sequence[str] | None = None):  # -> SphinxModel
+    def load(self, on_module: Callable | None = None, only: Sequence[str] | None = None,
+             store=None):  # -> SphinxModel
         """The model, fp32, eval. `on_module(name, module)` is called on each module once its weights
         are in place (`model.sphinx.materialize`): random weights are made one module at a time, so
         a quantizing hook keeps the fp32 model from ever existing whole. `only`: the parts to make
-        (the rest stays on the meta device), e.g. ("dinov2", "llm.tok_embeddings")."""
+        (the rest stays on the meta device), e.g. ("dinov2", "llm.tok_embeddings"). `store`: where the
+        parameters live (`model.sphinx.WeightStore`; default memory)."""
         import torch
 
         from sphinx_edge.model.sphinx import SphinxModel, materialize
@@ -62,10 +64,10 @@ class ModelSource:
             from sphinx_edge.checkpoints import load_model
 
             # Streamed from the memory-mapped files like random weights; refuses another size.
-            return load_model(self.checkpoint, self.size, on_module=on_module, only=only)
+            return load_model(self.checkpoint, self.size, on_module=on_module, only=only, store=store)
         with torch.device("meta"):
             model = SphinxModel(get_config(self.size))
-        return materialize(model, self._random_fill(), on_module, only).eval()  # = build_model(config, seed)
+        return materialize(model, self._random_fill(), on_module, only, store).eval()  # = build_model(config, seed)
 
     def _random_fill(self):
         """One RandomFill per source and process: a second pass (another part) reuses the generator

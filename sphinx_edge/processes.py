@@ -189,8 +189,10 @@ def file_mappings(files: Sequence[os.PathLike | str]) -> list[tuple[int, int]]:
 
 
 def drop_mapped_pages(mappings: list[tuple[int, int]]) -> None:
-    """Hands back the pages read of private, read-only file mappings (`file_mappings`): a later read
-    faults them in from the file again. Never for anonymous memory, which the same advice zeroes."""
+    """Hands back the resident pages of file mappings (`file_mappings`): of a private read-only one
+    (a checkpoint), or of a shared one (its written pages stay in the page cache, bound for the file):
+    a later read faults them in from the file again. Never for anonymous memory, which the same advice
+    zeroes."""
     libc = _glibc()
     if libc is not None:
         for start, end in mappings:

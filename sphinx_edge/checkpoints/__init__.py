@@ -86,12 +86,13 @@ def open_checkpoint(path: str | os.PathLike, size: str | None = None):  # -> (Sp
 
 
 def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "float32",
-               on_module: Callable | None = None, only: Sequence[str] | None = None):
+               on_module: Callable | None = None, only: Sequence[str] | None = None, store=None):
     """A SphinxModel from a checkpoint (`open_checkpoint`; `size` is a check), eval. `dtype`: a torch
     dtype or its name; None keeps the checkpoint's own. The model is made one parameter at a time
     from the memory-mapped files (`model.sphinx.materialize`): `on_module(name, module)` is called on
     each module once its weights are in, and `only` names the parts to read (the rest stays on the
-    meta device), so an export stage holds neither a second copy nor the parts it does not need."""
+    meta device), so an export stage holds neither a second copy nor the parts it does not need.
+    `store`: where the parameters live (`model.sphinx.WeightStore`; default memory)."""
     import torch
 
     from sphinx_edge.checkpoints.strict import check_state_dict
@@ -103,7 +104,7 @@ def load_model(path: str | os.PathLike, size: str | None = None, dtype: Any = "f
     with torch.device("meta"):
         model = SphinxModel(config).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     check_state_dict(model, tensors.meta, f"checkpoint {tensors.source}")
-    return materialize(model, tensors, on_module, only).eval()
+    return materialize(model, tensors, on_module, only, store).eval()
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path | None:

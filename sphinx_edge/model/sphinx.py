@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -165,7 +166,7 @@ class RandomFill:
         return self
 
     def _normal(self, t: torch.Tensor, s: float) -> None:
-        t.copy_(torch.randn(t.shape, generator=self.gen) * s)
+        t.normal_(generator=self.gen).mul_(s)  # = randn(shape) * s, in place: no temporaries
 
     def skip(self, name: str, shape: torch.Size) -> None:
         self._skipped.append((name, shape))
@@ -225,15 +226,24 @@ def in_parts(name: str, parts: Sequence[str]) -> bool:
 
 
 @torch.no_grad()
+class WeightStore(Protocol):
+    """Where `materialize` puts parameters instead of fresh memory (export.memory.ScratchWeights)."""
+
+    def new(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def written(self) -> None: ...  # a parameter is filled: its pages may leave the resident set
+
+
 def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
                 on_module: Callable[[str, nn.Module], None] | None = None,
-                only: Sequence[str] | None = None) -> nn.Module:
+                only: Sequence[str] | None = None, store: WeightStore | None = None) -> nn.Module:
     """Gives a model built on the meta device real weights, one module at a time: each parameter is
     allocated and set by `fill(name, tensor)` (in `named_parameters` order), and once a module's own
     parameters are in place `on_module(name, module)` may transform it, e.g. quantize a Linear. With
     a quantizing `on_module` the fp32 model never exists whole: memory stays near the transformed
     model plus one module. `only`: the parts to make (e.g. ("dinov2", "llm.tok_embeddings")); the
-    others stay on the meta device (`fill.skip(name, shape)` is told about each of their parameters)."""
+    others stay on the meta device (`fill.skip(name, shape)` is told about each of their parameters).
+    `store`: where the parameters live (default: fresh memory)."""
     made = 0
     for module_name, module in model.named_modules():
         for leaf, p in list(module.named_parameters(recurse=False)):
@@ -241,8 +251,10 @@ def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
             if only is not None and not in_parts(name, only):
                 fill.skip(name, p.shape)
                 continue
-            value = torch.empty(p.shape, dtype=p.dtype)
+            value = store.new(p.shape, p.dtype) if store else torch.empty(p.shape, dtype=p.dtype)
             fill(name, value)
+            if store:
+                store.written()
             setattr(module, leaf, nn.Parameter(value, requires_grad=p.requires_grad))
             made += value.numel() * value.element_size()
             if made >= TRIM_EVERY:  # the fills' temporaries stay in glibc's heap otherwise
