@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,6 +224,48 @@ def _in_own_process(log: StageLog, stage_fn, *args):
     return result
 
 
+def _side_by_side(model, isolated: bool, options: ExportOptions) -> bool:
+    """Whether the two formats are made at once, ONNX in a child process: for a small model from a
+    ModelSource (which a child can load) on a machine with a core to spare. Each stage is mostly one
+    busy Python thread, so on two cores the ONNX graphs take no wall time of their own (the bundled
+    Nano: ~14 s of ~75; benchmarks/RESULTS.md, "Export on a laptop (issue 22, third part)"). Large
+    models keep one stage at a time: their memory is the limit."""
+    return (isinstance(model, ModelSource) and not isolated and (os.cpu_count() or 1) >= 2
+            and set(options.formats) == {Format.ONNX, Format.PTE})
+
+
+class _Background:
+    """A stage running in its own process, watched from a thread: `result()` waits for it and gives
+    (its return value, its stage records), or raises what it raised; `stop()` kills it and waits."""
+
+    def __init__(self, log: StageLog, stage_fn, args: tuple) -> None:
+        from sphinx_edge.processes import run_in_child
+
+        self._outcome: tuple = ()
+        self._cancel = threading.Event()
+
+        def watch() -> None:
+            try:
+                self._outcome = (True, run_in_child(_logged, stage_fn, args, on_progress=log.show,
+                                                    cancel=self._cancel))
+            except BaseException as error:  # handed to the thread that asks for the result
+                self._outcome = (False, error)
+
+        self._thread = threading.Thread(target=watch, name=f"stage {stage_fn.__name__}", daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._thread.join()
+
+
 def _logged(stage_fn, args: tuple, show: Callable[[str], None]) -> tuple:
     """In the child: the stage with a log of its own, whose lines go to the parent's display."""
     log = StageLog(show)
@@ -265,11 +308,17 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
     sweep_stale_stages(out_dir.parent)
     stage = new_stage(out_dir)
     started = time.perf_counter()
+    side_by_side, onnx = _side_by_side(model, isolated, options), None
     try:
         graphs: dict[str, dict] = {}
         shutil.copyfile(tokenizer.path, stage / "tokenizer.model")
         ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+        if side_by_side:  # the ONNX graphs in a process of their own, on the other core
+            onnx = _Background(log, STAGES[Format.ONNX], (load, stage, options, ids, True))
+            since = len(log.records)
         for fmt in options.formats:
+            if side_by_side and fmt == Format.ONNX:
+                continue
             if isolated:
                 graphs[fmt] = _in_own_process(log, STAGES[fmt], load, stage, options, ids, True)
             else:
@@ -278,6 +327,10 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
                 graphs[fmt] = STAGES[fmt](get, stage, options, ids, fresh, log)
                 del held, get
             release_memory()
+        if side_by_side:
+            graphs[Format.ONNX], records = onnx.result()
+            log.merge_side_by_side(since, records)
+            graphs = {fmt: graphs[fmt] for fmt in options.formats}
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": {"name": config.name, "paper_name": config.paper_name, "config": config.to_dict()},
@@ -306,6 +359,8 @@ def export_model(model: SphinxModel | ModelSource | Callable[[], SphinxModel], t
         check_target(out_dir, overwrite)  # again: the user may have put files there meanwhile
         replace_dir(stage, out_dir)
     except BaseException:
+        if onnx is not None:  # the ONNX process goes before its folder does
+            onnx.stop()
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest

@@ -53,12 +53,30 @@ class StageLog:
     def say(self, detail: str) -> None:
         self._show(f"{self._current}: {detail}" if self._current else detail)
 
+    def show(self, line: str) -> None:
+        """A line as it is (another process's stage, already named)."""
+        self._show(line)
+
     def adopt(self, records: list[StageRecord], own_peak_mib: float | None) -> None:
         """Stages another process ran while this one held `own_peak_mib` at most: each peak becomes
         the two processes' sum."""
         for r in records:
             both = None if r.peak_rss_mib is None or own_peak_mib is None else r.peak_rss_mib + own_peak_mib
             self.records.append(StageRecord(r.name, r.seconds, both))
+
+    def merge_side_by_side(self, since: int, others: list[StageRecord]) -> None:
+        """This process's stages from record `since` on ran while another process ran `others`: both
+        lists join the log (theirs first), each peak counted with the other process's largest (an
+        upper bound of the two together)."""
+        mine = self.records[since:]
+        del self.records[since:]
+
+        def largest(records: list[StageRecord]) -> float | None:
+            peaks = [r.peak_rss_mib for r in records]
+            return None if not peaks or None in peaks else max(peaks)
+
+        self.adopt(others, largest(mine))
+        self.adopt(mine, largest(others))
 
     def summary(self) -> list[dict]:
         return [r.to_dict() for r in self.records]

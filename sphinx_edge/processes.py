@@ -34,6 +34,10 @@ class ChildFailed(UserError, RuntimeError):
     """The child process died without an answer (killed, out of memory, a crash in native code)."""
 
 
+class ChildCancelled(RuntimeError):
+    """The child process was stopped on request (`run_in_child`'s `cancel`)."""
+
+
 def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> None:
     """SIGTERM / SIGHUP -> SystemExit(128 + signum) in the main thread (only the main thread may
     set handlers; elsewhere this does nothing)."""
@@ -97,10 +101,12 @@ def _child_main(conn, watch, parent: int, levels: dict[str, int], fn: Callable[.
         conn.close()
 
 
-def run_in_child(fn: Callable[..., Any], *args: Any, on_progress: Callable[[str], None] | None = None) -> Any:
+def run_in_child(fn: Callable[..., Any], *args: Any, on_progress: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> Any:
     """`fn(*args)` in a spawned process that cannot outlive this one; its exception re-raised here.
     `fn` and `args` must be picklable. With `on_progress`, `fn` gets one more argument, a function
-    of one string, and each string it is given reaches `on_progress` here as the child runs."""
+    of one string, and each string it is given reaches `on_progress` here as the child runs. Setting
+    `cancel` (from another thread) kills the child and raises ChildCancelled."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     watch_read, watch_write = ctx.Pipe(duplex=False)  # only this process holds the write end
@@ -110,11 +116,17 @@ def run_in_child(fn: Callable[..., Any], *args: Any, on_progress: Callable[[str]
         child.start()
         watch_read.close()
         send.close()
+        def next_message() -> tuple:
+            while cancel is not None and not receive.poll(0.2):
+                if cancel.is_set():
+                    raise ChildCancelled("the stage process was stopped")
+            return receive.recv()
+
         try:
-            kind, value = receive.recv()
+            kind, value = next_message()
             while kind == PROGRESS:
                 on_progress(value)
-                kind, value = receive.recv()
+                kind, value = next_message()
         except EOFError:
             child.join()
             raise ChildFailed(f"the stage process died (exit code {child.exitcode}"

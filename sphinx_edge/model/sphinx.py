@@ -225,7 +225,6 @@ def in_parts(name: str, parts: Sequence[str]) -> bool:
     return any(name == part or name.startswith(part + ".") for part in parts)
 
 
-@torch.no_grad()
 class WeightStore(Protocol):
     """Where `materialize` puts parameters instead of fresh memory (export.memory.ScratchWeights)."""
 
@@ -234,6 +233,7 @@ class WeightStore(Protocol):
     def written(self) -> None: ...  # a parameter is filled: its pages may leave the resident set
 
 
+@torch.no_grad()
 def materialize(model: nn.Module, fill: Callable[[str, torch.Tensor], None],
                 on_module: Callable[[str, nn.Module], None] | None = None,
                 only: Sequence[str] | None = None, store: WeightStore | None = None) -> nn.Module:
