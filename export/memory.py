@@ -7,11 +7,13 @@ import math
 import mmap
 import os
 import tempfile
-from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sphinx_edge.processes import drop_mapped_pages, release_free_memory
+
+
+if TYPE_CHECKING:  # the exporting process imports this module and stays torch-free
+    import torch
 
 
 def release_memory() -> None:
@@ -55,6 +57,8 @@ class ScratchWeights:
         return chunk[0][start:start + nbytes].view(dtype).view(shape)
 
     def _grow(self, length: int) -> None:
+        import torch
+
         os.ftruncate(self._fd, self._size + length)
         mapping = mmap.mmap(self._fd, length, offset=self._size)
         self._size += length

@@ -140,11 +140,13 @@ def tidy(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
     """Drops the exporter's metadata (Python stack traces with source paths, symbol numbers; more or
     less verbose by what else the process had imported, so the same model gave other bytes) and renames
     symbolic dimensions everywhere in the graph at `path` by what they are on its inputs (optimum's
-    names: sequence_length, past_sequence_length, ...); the weights are not touched."""
+    names: sequence_length, past_sequence_length, ...); numbers the exporter's own value names in graph
+    order (`renumber_values`); the weights are not touched."""
     proto = onnx.load(path, load_external_data=False)
     g = proto.graph
     for item in [g, *g.node, *g.input, *g.output, *g.value_info, *g.initializer, *(n for f in proto.functions for n in f.node)]:
         del item.metadata_props[:]
+    renumber_values(g)
     rename = {}
     for value in proto.graph.input:
         for axis, name in dim_names.get(value.name, {}).items():
@@ -156,6 +158,32 @@ def tidy(path: Path, dim_names: dict[str, dict[int, str]]) -> None:
             if dim.dim_param:
                 dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)
     onnx.save(proto, path)
+
+
+GENERATED_NAME = re.compile(r"val_\d+")
+
+
+def renumber_values(graph: onnx.GraphProto) -> None:
+    """Renames the values torch.onnx named itself (`val_N`) val_0, val_1, ... in the order the graph's
+    nodes first mention them. Its numbers have gaps where values were dropped, and which of two equal
+    constants survives onnxscript's common-subexpression pass depends on where Python put them in
+    memory: the same model exported after other work in one process named a constant `val_2`, in a
+    fresh process `val_3` (tests/export/test_executorch_export.py). Graph order is the model's own."""
+    order: dict[str, str] = {}
+    for node in graph.node:
+        for name in [*node.input, *node.output]:
+            if GENERATED_NAME.fullmatch(name) and name not in order:
+                order[name] = f"val_{len(order)}"
+    for init in graph.initializer:  # not read by any node (none expected)
+        if GENERATED_NAME.fullmatch(init.name) and init.name not in order:
+            order[init.name] = f"val_{len(order)}"
+    if all(old == new for old, new in order.items()):
+        return
+    for node in graph.node:
+        node.input[:] = [order.get(n, n) for n in node.input]
+        node.output[:] = [order.get(n, n) for n in node.output]
+    for item in [*graph.initializer, *graph.value_info, *graph.input, *graph.output]:
+        item.name = order.get(item.name, item.name)
 
 
 def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 ExecuTorch runs the same 17 passes on every partition it hands to XNNPACK, and most of them end by
 re-tracing the whole partition with fake tensors, whether they changed it or not. For our graphs
-most passes find nothing to do: profiled on the bundled Nano (36 partitions), 12 of the 17 never
-changed a partition and the re-traces took 18 of the 61 s of lowering (benchmarks/RESULTS.md,
-"Export on a laptop (issue 22, third part)"). A pass here is skipped when none of the operators it
+most passes find nothing to do: profiled on the bundled Nano (36 partitions), 14 of the 17 never
+changed a partition's graph, and the 12 in the table below took 21 of the 61 s of lowering
+(benchmarks/RESULTS.md, "Export on a laptop (issue 22, third part)"). A pass here is skipped when none of the operators it
 rewrites occurs in the partition: it would only re-trace a graph that the previous pass already
 re-traced, which gives back the same graph (the written program is byte-identical; tested).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,8 +26,13 @@ def train_tokenizer(texts: Iterable[str], out_file: str | os.PathLike, vocab_siz
             remove_extra_whitespaces=False, user_defined_symbols=["\n"], character_coverage=1.0,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
         )
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(Path(f"{tmp}/spm.model").read_bytes())
+        model.trainer_spec.model_prefix = "spm"  # not the temporary folder: the same texts, the same file
         with atomic_path(out_file) as target:
-            shutil.copyfile(f"{tmp}/spm.model", target)
+            Path(target).write_bytes(model.SerializeToString())
     return Path(out_file)
 
 

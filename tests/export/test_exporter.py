@@ -232,3 +232,35 @@ def test_the_exporting_process_stays_free_of_torch_while_stages_run(kind, model_
     """, timeout=600)  # a spawned export: slow beside other tests on 2 cores
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("test-tiny") and "decoder.onnx" in done.stdout
+
+
+# --- a small model's two formats side by side ------------------------------------------------------
+
+
+def test_side_by_side_stage_records_count_both_processes():
+    from sphinx_edge.export.stages import StageLog, StageRecord
+
+    log = StageLog()
+    log.records = [StageRecord("before", 1.0, 300.0), StageRecord("pte lower", 9.0, 500.0),
+                   StageRecord("pte write", 2.0, 450.0)]
+    log.merge_side_by_side(1, [StageRecord("onnx graphs", 4.0, 400.0), StageRecord("onnx quantize", 1.0, 350.0)])
+    assert [(r.name, r.peak_rss_mib) for r in log.records] == [
+        ("before", 300.0), ("onnx graphs", 900.0), ("onnx quantize", 850.0), ("pte lower", 900.0), ("pte write", 850.0)]
+
+
+def test_a_failing_pte_stage_stops_the_onnx_process_beside_it(tokenizer_file, tmp_path, monkeypatch):
+    from sphinx_edge.export import exporter
+    from sphinx_edge.export.options import Format
+
+    def failing(*args):
+        time.sleep(1.0)  # the ONNX process is starting
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setitem(exporter.STAGES, Format.PTE, failing)
+    with pytest.raises(RuntimeError, match="lowering failed"):
+        export_model(exporter.ModelSource("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
+                     ExportOptions(formats=("onnx", "pte"), verify=False))
+    stages = [c for c in _children(os.getpid()) if _running(c)
+              and "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+    assert stages == [], "the ONNX process outlived the export"
+    assert list(tmp_path.iterdir()) == []

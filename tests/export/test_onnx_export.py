@@ -208,3 +208,25 @@ def test_the_int4_quantizer_leaves_the_root_logger_alone():
               "print(len(root.handlers), logging.getLevelName(root.level))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0", "WARNING"], done.stdout + done.stderr
+
+
+def test_generated_value_names_are_numbered_in_graph_order():
+    """Which of two equal constants survives onnxscript's deduplication varies from process to process;
+    renumbering the exporter's `val_N` names in graph order makes the file the same either way."""
+    from onnx import TensorProto, helper
+
+    from sphinx_edge.export.onnx import renumber_values
+
+    def graph(first: str, second: str) -> onnx.GraphProto:
+        zero = helper.make_tensor(first, TensorProto.INT64, [], [0])
+        nodes = [helper.make_node("Gather", ["x", first], [second]),
+                 helper.make_node("Relu", [second], ["y"])]
+        return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [zero])
+
+    a, b = graph("val_2", "val_7"), graph("val_3", "val_5")
+    renumber_values(a)
+    renumber_values(b)
+    assert a == b
+    assert [list(n.input) for n in a.node] == [["x", "val_0"], ["val_1"]] and a.initializer[0].name == "val_0"
+    assert a.input[0].name == "x" and a.output[0].name == "y"
