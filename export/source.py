@@ -132,10 +132,10 @@ def stand_in_tokenizer(vocab_size: int, workdir: Path) -> Path:
 
 
 def memory_warning(config: SphinxConfig) -> str | None:
-    """A warning when exporting a model of `config` needs more than half the available memory. No stage
-    holds the whole fp32 model: the largest holds one graph's fp32 parts, the vision experts' or the
-    LLM's (SPHINX-Tiny: 7.4 GiB of vision weights, an 8.2 GiB peak with the process around them;
-    benchmarks/RESULTS.md, "Export on a laptop")."""
+    """A warning when exporting a model of `config` may need more than half the available memory. No
+    stage holds the whole fp32 model; the estimate, the fp32 weights of the vision side or of the LLM,
+    whichever is larger, is an upper bound (SPHINX-Tiny: 8.3 GiB estimated, a 5.9 GB peak measured, in
+    lowering; benchmarks/RESULTS.md, "Export on a laptop (issue 22, third part)")."""
     counts = parameter_counts(config)
     largest = max(counts["total"] - counts["llm"], counts["llm"])
     need = largest * 4 * 1.1 / 2**30
