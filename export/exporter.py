@@ -228,7 +228,7 @@ def _side_by_side(model, isolated: bool, options: ExportOptions) -> bool:
     """Whether the two formats are made at once, ONNX in a child process: for a small model from a
     ModelSource (which a child can load) on a machine with a core to spare. Each stage is mostly one
     busy Python thread, so on two cores the ONNX graphs take no wall time of their own (the bundled
-    Nano: ~14 s of ~75; benchmarks/RESULTS.md, "Export on a laptop (issue 22, third part)"). Large
+    Nano: 10-14 s of ~75; benchmarks/RESULTS.md, "Export on a laptop (issue 22, third part)"). Large
     models keep one stage at a time: their memory is the limit."""
     return (isinstance(model, ModelSource) and not isolated and (os.cpu_count() or 1) >= 2
             and set(options.formats) == {Format.ONNX, Format.PTE})
