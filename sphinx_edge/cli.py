@@ -837,6 +837,22 @@ def data_synth(
     console.print(f"wrote {out / 'train.json'}" + (f" and {out / 'test.json'}" if test_n else ""))
 
 
+@data_app.command("independent")
+def data_independent(
+    out: Annotated[Path, typer.Option(help="Output directory (test.json + images/).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Questions (one per image; the five domains in turn).")] = 200,
+    seed: int = 0,
+) -> None:
+    """An evaluation set drawn by an independent renderer (same questions and answers as `data synthetic`,
+    none of its drawing code): answers that hold on pictures the training generator never drew.
+    Score it with `sphinx-edge eval --data OUT/test.json`."""
+    from sphinx_edge.train.independent import generate
+
+    with console.status(f"writing {n} images to {out}"):
+        path = generate(out, n, seed=seed)
+    console.print(f"wrote {path}")
+
+
 @data_app.command("tokenizer")
 def data_tokenizer(
     data: Annotated[list[Path], typer.Argument(help="LLaVA JSON files whose conversations form the corpus.")],
