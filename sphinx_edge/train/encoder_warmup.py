@@ -140,6 +140,10 @@ class WarmupData:
                 self.convnext[i], self.dinov2[i] = torch.from_numpy(cv), torch.from_numpy(dv)
                 if progress is not None:
                     progress(i + 1, len(jobs))
+            # Workers leave on their own: the context's terminate() SIGTERMs them, and one waiting on the
+            # task queue's lock never left once (a CI run hung in test_cli for 20 minutes, session 18).
+            pool.close()
+            pool.join()
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -366,6 +366,8 @@ def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_qu
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             records = pool.map(_write_sample, jobs, chunksize=64)
+            pool.close()  # workers leave on their own, not by terminate()'s SIGTERM (see encoder_warmup)
+            pool.join()
     else:
         records = [_write_sample(job) for job in jobs]
     path = out_dir / f"{split}.json"
