@@ -60,7 +60,8 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
     """Exports straight to `path` (+ `path.data`): the weights stream from the module to disk
     instead of through an in-memory ModelProto, which would double a large model's memory.
     `dim_names` ({input: {axis: name}}) replaces torch.export's symbols (s0, s1, ...). `store`: the
-    scratch file the weights live in, whose pages are handed back after each initializer is written."""
+    scratch file the weights live in, whose pages are handed back after each initializer is written
+    (the last one's when the store is closed)."""
     import onnx_ir
 
     with quiet(), torch.no_grad(), shared_provenance():
@@ -72,8 +73,6 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
         # callback comes before each write: the one before has been written then)
         onnx_ir.save(program.model, path, external_data=_data_file(path).name,
                      callback=(lambda tensor, info: store.written()) if store else None)
-        if store:
-            store.written()
     del program
     _forget_last_graph()
     tidy(path, dim_names or {})
@@ -174,7 +173,7 @@ def renumber_values(graph: onnx.GraphProto) -> None:
         for name in [*node.input, *node.output]:
             if GENERATED_NAME.fullmatch(name) and name not in order:
                 order[name] = f"val_{len(order)}"
-    for init in graph.initializer:  # not read by any node (none expected)
+    for init in graph.initializer:  # read by no node: numbered too, so that no renamed value takes its name
         if GENERATED_NAME.fullmatch(init.name) and init.name not in order:
             order[init.name] = f"val_{len(order)}"
     if all(old == new for old, new in order.items()):

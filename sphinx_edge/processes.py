@@ -112,16 +112,17 @@ def run_in_child(fn: Callable[..., Any], *args: Any, on_progress: Callable[[str]
     watch_read, watch_write = ctx.Pipe(duplex=False)  # only this process holds the write end
     child = ctx.Process(target=_child_main, args=(send, watch_read, os.getpid(), _logger_levels(), fn, args,
                                                   on_progress is not None))
+
+    def next_message() -> tuple:
+        while cancel is not None and not receive.poll(0.2):
+            if cancel.is_set():
+                raise ChildCancelled("the stage process was stopped")
+        return receive.recv()
+
     try:
         child.start()
         watch_read.close()
         send.close()
-        def next_message() -> tuple:
-            while cancel is not None and not receive.poll(0.2):
-                if cancel.is_set():
-                    raise ChildCancelled("the stage process was stopped")
-            return receive.recv()
-
         try:
             kind, value = next_message()
             while kind == PROGRESS:

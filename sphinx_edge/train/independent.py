@@ -17,7 +17,6 @@ image, `renderer: "independent"`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -27,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from sphinx_edge.io import atomic_path
-from sphinx_edge.train.synthetic import COLOURS, DOMAINS, IMAGE_TOKEN, PLURALS, QUESTIONS, SHAPES, nearest_aspect
+from sphinx_edge.train.synthetic import (COLOURS, DOMAINS, IMAGE_TOKEN, PLURALS, QUESTIONS, SHAPES, nearest_aspect,
+                                         seeded_rng)
 
 SUPERSAMPLE = 4
 LONG_SIDE = (150, 600)
@@ -39,8 +39,7 @@ TINT_SHIFT = 18
 
 
 def _rng(seed: int, *parts) -> random.Random:
-    digest = hashlib.sha256("/".join(map(str, ("sphinx-edge-independent", seed, *parts))).encode()).digest()
-    return random.Random(int.from_bytes(digest[:16], "big"))
+    return seeded_rng("sphinx-edge-independent", seed, *parts)
 
 
 def _tint(rng: random.Random, name: str) -> tuple[int, int, int]:

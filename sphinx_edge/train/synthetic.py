@@ -303,9 +303,14 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------- generation
 
 
-def _rng(*parts) -> random.Random:
-    digest = hashlib.sha256("/".join(map(str, ("sphinx-edge-synthetic", *parts))).encode()).digest()
+def seeded_rng(salt: str, *parts) -> random.Random:
+    """A generator seeded by a hash of `salt` and `parts`: each sample its own, whoever draws it."""
+    digest = hashlib.sha256("/".join(map(str, (salt, *parts))).encode()).digest()
     return random.Random(int.from_bytes(digest[:16], "big"))
+
+
+def _rng(*parts) -> random.Random:
+    return seeded_rng("sphinx-edge-synthetic", *parts)
 
 
 def _plan(n: int, seed: int, split: str, domains: Sequence[str] = DOMAINS) -> list[tuple[str, str]]:

@@ -148,6 +148,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _stage_processes(pid: int) -> list[int]:
+    """The children of `pid` that are spawned stage processes (multiprocessing's spawn_main)."""
+    return [c for c in _children(pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a dead process its parent has not reaped yet)."""
     try:
@@ -166,8 +171,7 @@ def _export_until_its_stage_runs(tokenizer_file: str, out: Path) -> tuple[subpro
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        stages = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(
-            errors="replace")] if proc.poll() is None else []
+        stages = _stage_processes(proc.pid) if proc.poll() is None else []
         if stages and any(out.parent.glob(f".{out.name}.*.partial")):
             time.sleep(1.0)  # well inside the stage
             return proc, stages[0]
@@ -260,7 +264,5 @@ def test_a_failing_pte_stage_stops_the_onnx_process_beside_it(tokenizer_file, tm
     with pytest.raises(RuntimeError, match="lowering failed"):
         export_model(exporter.ModelSource("test-tiny"), Tokenizer(tokenizer_file), tmp_path / "e",
                      ExportOptions(formats=("onnx", "pte"), verify=False))
-    stages = [c for c in _children(os.getpid()) if _running(c)
-              and "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
-    assert stages == [], "the ONNX process outlived the export"
+    assert [c for c in _stage_processes(os.getpid()) if _running(c)] == [], "the ONNX process outlived the export"
     assert list(tmp_path.iterdir()) == []
