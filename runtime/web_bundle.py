@@ -3,6 +3,7 @@
     build_site(export_dir, site_dir) writes
         site_dir/index.html, app.js, sphinx.js, tiling.js, tokenizer.js, decoding.js   (runtime/web/)
         site_dir/ort/        onnxruntime-web's wasm build (from runtime/web/node_modules)
+        site_dir/samples/    the bundled sample images and index.json (each with its suggested questions)
         site_dir/model/      the three ONNX graphs (+ external data), manifest.json,
                              tokenizer.json (the SentencePiece vocabulary as JSON),
                              config.json (the numbers the JS needs: layout, ids, cache shape, prompt)
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sphinx_edge.bundled import SAMPLE_QUESTIONS, SAMPLES
 from sphinx_edge.config import SphinxConfig
 from sphinx_edge.io import atomic_path, write_text_atomic
 from sphinx_edge.prompt import STOP_STRINGS, format_prompt
@@ -128,13 +130,25 @@ def build_site(export_dir: str | os.PathLike, site_dir: str | os.PathLike, *,
                     "before that carries none)") if src.parent == dist else ""
             raise WebBundleError(f"{src} is missing{hint}")
 
+    samples = sample_index()
+    sources.update({SAMPLES / entry["image"]: site / "samples" / entry["image"] for entry in samples})
     for src, dst in sources.items():
         _copy(src, dst)
+    write_text_atomic(site / "samples" / "index.json", json.dumps(samples, indent=1))
     model = site / "model"
     write_text_atomic(model / "tokenizer.json", json.dumps(tokenizer_json(export_dir / tokenizer), ensure_ascii=False))
     write_text_atomic(model / "config.json", json.dumps(web_config(manifest), indent=1, ensure_ascii=False))
     write_text_atomic(model / "manifest.json", json.dumps(manifest, indent=1))
     return site
+
+
+def sample_index() -> list[dict[str, Any]]:
+    """The page's sample gallery: [{"image": name, "questions": [...]}, ...] in SAMPLE_QUESTIONS' order."""
+    index: dict[str, list[str]] = {}
+    for record in json.loads(SAMPLE_QUESTIONS.read_text(encoding="utf-8")):
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        index.setdefault(record["image"], []).append(question)
+    return [{"image": image, "questions": questions} for image, questions in index.items()]
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -15,6 +15,9 @@ SAMPLES = _PACKAGE / "assets"  # small images for demos, tests and the exporter'
 WEIGHTS = _PACKAGE / "weights"  # one folder per size whose trained weights ship (nano)
 NANO_EXPORT = _PACKAGE / "exports" / "nano_int4"  # `sphinx-edge run` answers from it with no export step
 VERIFY_IMAGE = SAMPLES / "wide_2x1.png"  # 2:1, so the check covers encoded tiles and skip tokens
+# Every question the README, the demo and the browser page ask about the sample images, with its answer
+# (LLaVA json: `sphinx-edge eval --data` scores a model on it; the browser page suggests them).
+SAMPLE_QUESTIONS = SAMPLES / "questions.json"
 
 
 def bundled_weights(size: str) -> Path | None:

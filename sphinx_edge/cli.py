@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -41,6 +41,7 @@ CacheDir = Annotated[Optional[Path], typer.Option(
     help="Also keep encoded images here, across runs (a new question about a cached image skips the vision "
          "encoder); bounded by --cache-mb, least recently used go first.")]
 CacheMb = Annotated[int, typer.Option(min=1, help="Size bound of --cache-dir in MiB.")]
+Look = Literal["plain", "varied"]  # the synthetic data's looks (train/painters.py LOOKS)
 MaxViews = Annotated[Optional[int], typer.Option(
     min=1, help="Encode at most N views per image, the global view included (1 = the global view alone; "
                 "default: every view the layout needs). The tiles holding the least of the image go first; "
@@ -800,7 +801,8 @@ def evaluate(
     table.add_row("all", f"{result['accuracy']:.1%}")
     if result.get("padded_tiles") is not None:
         table.add_row(f"images with padded tiles ({result['n_padded']})", f"{result['padded_tiles']:.1%}")
-    for k, v in {**result["per_domain"], **{f"aspect {a}": x for a, x in result["per_aspect"].items()}}.items():
+    for k, v in {**result["per_domain"], **{f"aspect {a}": x for a, x in result["per_aspect"].items()},
+                 **{f"colour, {n} shape(s)": x for n, x in result["colour_by_shapes"].items()}}.items():
         table.add_row(k, f"{v:.1%}")
     console.print(table)
     if json_out:
@@ -819,37 +821,50 @@ def data_synth(
         help="Training records also ask every other fact of their image (held-out ones ask one question).")] = True,
     workers: Annotated[int, typer.Option(min=1, help="Processes drawing images (the output is the same for any number).")] = 1,
     domains: Annotated[Optional[str], typer.Option(
-        help="Comma-separated subset of colour,count,shape,text,position (default: all five).")] = None,
+        help="Comma-separated subset of colour,count,shape,text,position,words,chart,table,marks (default: the "
+             "look's: plain the first five, varied all nine).")] = None,
+    look: Annotated[Look, typer.Option(
+        help="How images are drawn: plain = SPHINX-Nano 1's data (hard-edged shapes, 160-320 px, nine fixed aspect "
+             "ratios); varied = Nano 2's (anti-aliased, tinted/gradient/noisy backgrounds, seven fonts, 150-1500 px, "
+             "any ratio 1:4-4:1, some JPEG, paraphrased questions, drawing records).")] = "plain",
 ) -> None:
-    """Generate the synthetic multi-domain VQA set (colour, count, shape, text, position)."""
-    from sphinx_edge.train.synthetic import DOMAINS
+    """Generate the synthetic multi-domain VQA set: shapes (colour, count, shape, position), numbers and words,
+    charts, tables and Set-of-Mark marks."""
     from sphinx_edge.train.synthetic import generate as synth
 
-    chosen = tuple(d.strip() for d in domains.split(",") if d.strip()) if domains else DOMAINS
+    chosen = tuple(d.strip() for d in domains.split(",") if d.strip()) if domains else None
     with console.status(f"writing {train_n} + {test_n} images to {out}"):
         try:  # generate checks the domains before it writes anything
             synth(out, train_n, seed=seed, split="train", extra_questions=extra_questions, workers=workers,
-                  domains=chosen)
+                  domains=chosen, look=look)
         except ValueError as e:
             fail(f"--domains: {e}")
         if test_n:
-            synth(out, test_n, seed=seed + 1, split="test", workers=workers, domains=chosen)
+            synth(out, test_n, seed=seed + 1, split="test", workers=workers, domains=chosen, look=look)
     console.print(f"wrote {out / 'train.json'}" + (f" and {out / 'test.json'}" if test_n else ""))
 
 
 @data_app.command("independent")
 def data_independent(
     out: Annotated[Path, typer.Option(help="Output directory (test.json + images/).")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Questions (one per image; the five domains in turn).")] = 200,
+    n: Annotated[int, typer.Option("--n", min=1, help="Questions (one per image; the domains in turn).")] = 200,
     seed: int = 0,
+    domains: Annotated[Optional[str], typer.Option(
+        help="Comma-separated subset of colour,count,shape,text,position,words,chart,table,marks (default: all "
+             "nine; the first five give the set Nano 1 was first scored on).")] = None,
 ) -> None:
-    """An evaluation set drawn by an independent renderer (same questions and answers as `data synthetic`,
-    none of its drawing code): answers that hold on pictures the training generator never drew.
+    """An evaluation set drawn by an independent renderer (the questions and answers of `data synth`, none
+    of its drawing code or fonts): answers that hold on pictures the training generator never drew.
     Score it with `sphinx-edge eval --data OUT/test.json`."""
     from sphinx_edge.train.independent import generate
+    from sphinx_edge.train.synthetic import DOMAINS
 
+    chosen = tuple(d.strip() for d in domains.split(",") if d.strip()) if domains else DOMAINS
     with console.status(f"writing {n} images to {out}"):
-        path = generate(out, n, seed=seed)
+        try:
+            path = generate(out, n, seed=seed, domains=chosen)
+        except ValueError as e:
+            fail(f"--domains: {e}")
     console.print(f"wrote {path}")
 
 

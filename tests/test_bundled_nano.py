@@ -53,3 +53,20 @@ def test_the_bundled_export_is_of_the_bundled_weights_and_answers_like_them():
     pipeline = Pipeline(NANO_EXPORT)
     answer = pipeline.answer("Which side is the yellow triangle on?", SAMPLES / "shapes_2x1.png", max_new_tokens=8)
     assert answer.text.split()[0].strip(".").lower() in ANSWERS["position"], answer.text
+
+
+def test_the_sample_questions_are_well_formed():
+    """Every question the README, demo and browser page ask about the samples is in the question file, in a
+    template the models are trained on, about a sample that exists, with an answer of its domain."""
+    from sphinx_edge.bundled import SAMPLE_QUESTIONS
+    from sphinx_edge.cli import DEMO_IMAGE, DEMO_QUESTION
+    from tests.train.drawing_records import parse
+
+    records = json.loads(SAMPLE_QUESTIONS.read_text())
+    asked = {(r["image"], r["conversations"][0]["value"].removeprefix("<image>\n")) for r in records}
+    assert (DEMO_IMAGE.name, DEMO_QUESTION) in asked
+    for r in records:
+        assert (SAMPLES / r["image"]).is_file()
+        key, _ = parse(r["conversations"][0]["value"].removeprefix("<image>\n"))
+        answer = r["conversations"][1]["value"]
+        assert answer in ANSWERS[r["domain"]] or (key == "which_shape" and answer in ANSWERS["shape"]), r

@@ -142,8 +142,13 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert code == 0, out
     assert {r["domain"] for r in json.loads((tmp_path / "reading" / "train.json").read_text())} == {"text"}
     assert not (tmp_path / "reading" / "test.json").exists()
-    code, out = run("data", "synth", "--out", tmp_path / "bad", "--domains", "text,words")
-    assert code == 2 and "words" in out and not (tmp_path / "bad").exists()
+    code, out = run("data", "synth", "--out", tmp_path / "bad", "--domains", "text,scribbles")
+    assert code == 2 and "scribbles" in out and not (tmp_path / "bad").exists()
+    code, out = run("data", "synth", "--out", tmp_path / "charts", "--train", "9", "--test", "0", "--domains", "chart",
+                    "--look", "varied")
+    assert code == 0, out
+    charts = json.loads((tmp_path / "charts" / "train.json").read_text())
+    assert {(r["domain"], r["look"]) for r in charts} == {("chart", "varied")} and all(r["drawn"] for r in charts)
     code, out = run("data", "tokenizer", tmp_path / "data" / "train.json", "--out", tmp_path / "tok.model",
                     "--vocab-size", "256")
     assert code == 2 and "too small" in out

@@ -31,7 +31,52 @@ async function choose(file) {
   }
 }
 
-$("file").addEventListener("change", () => choose($("file").files[0]));
+// The bundled sample images, each with the questions it answers (samples/index.json, from the site builder):
+// clicking one loads it and offers its questions; clicking a question asks it.
+async function showSamples() {
+  let samples;
+  try {
+    const response = await fetch("samples/index.json");
+    if (!response.ok) return;
+    samples = await response.json();
+  } catch {
+    return; // a site without samples: the gallery stays empty
+  }
+  for (const { image: name, questions } of samples) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.image = name;
+    button.title = name;
+    button.setAttribute("aria-pressed", "false");
+    const img = document.createElement("img");
+    img.src = `samples/${name}`;
+    img.alt = name;
+    button.append(img);
+    button.addEventListener("click", async () => {
+      for (const b of $("samples").children) b.setAttribute("aria-pressed", String(b === button));
+      const blob = await (await fetch(`samples/${name}`)).blob();
+      await choose(new File([blob], name, { type: blob.type }));
+      $("suggestions").replaceChildren(...questions.map((q) => {
+        const ask = document.createElement("button");
+        ask.type = "button";
+        ask.textContent = q;
+        ask.addEventListener("click", () => {
+          $("question").value = q;
+          if (!$("go").disabled) $("ask").requestSubmit();
+        });
+        return ask;
+      }));
+    });
+    $("samples").append(button);
+  }
+}
+showSamples();
+
+$("file").addEventListener("change", () => {
+  $("suggestions").replaceChildren();
+  for (const b of $("samples").children) b.setAttribute("aria-pressed", "false");
+  choose($("file").files[0]);
+});
 $("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
 $("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
 $("drop").addEventListener("drop", (e) => {

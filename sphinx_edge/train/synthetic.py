@@ -1,10 +1,12 @@
 """A synthetic multi-domain visual-question dataset and an exact-match evaluator.
 
-Built for training and evaluating tiny SPHINX models on a CPU: every question has a single
-lowercase word or number as its answer, the answer cannot be guessed from the question
-alone beyond chance, and the visual content stays legible once the image's longer side is
-resized to 256 px (shapes span a large fraction of the short side, digits are large and
-dark on a light background).
+Built for training and evaluating tiny SPHINX models on a CPU: every question has a short answer
+(a word, a number, a letter or two words), the answer cannot be guessed from the question alone
+beyond chance, and the content stays legible once the image's longer side is resized to 256 px.
+
+What is drawn is here; how it is drawn is a look (painters.py): ``plain`` is SPHINX-Nano 1's data,
+byte for byte (the first five domains); ``varied`` is Nano 2's (all nine domains, rendering varied on
+purpose, question paraphrases, a drawing record per image).
 
 Domains (balanced with the aspect ratios in shuffled blocks; the first question of a record is
 the domain's own, and training records may ask every other fact of the scene after it):
@@ -16,11 +18,16 @@ the domain's own, and training records may ask every other fact of the scene aft
 * ``position`` -- two shapes far apart along the long axis:
   "Which side is the {colour} {shape} on?" -> left / right (wide and square images) or
   top / bottom (tall images)
+* ``words``    -- one or two words of WORDS in any case: "What does the text say?" (OCR beyond digits)
+* ``chart``    -- 3-5 bars (or points on a line) labelled A-E with their values 1-9 written on them:
+  "Which bar has the largest value?" -> "B", "What is the value of bar C?" -> "7"
+* ``table``    -- 2-3 rows under a header of 2-3 of TABLE_COLUMNS: "What is in row 2, column price?"
+* ``marks``    -- Set-of-Mark: 2-4 shapes, each with a numbered mark: "What shape is marked 3?"
 
-Extra questions (``extra_questions=True``) reuse the templates above where the scene answers them
-(the colour of a count image's shapes, the count of a shape image) and add two about numbers
-(``EXTRA_QUESTIONS``). They multiply the supervision per encoded image: Nano's encoders learn
-from scratch, and one question per image starves them.
+Extra questions (``extra_questions=True``) ask every other fact of the scene the record's image
+answers (the colour of a count image's shapes, the count of a shape image, every cell of a table).
+They multiply the supervision per encoded image: Nano's encoders learn from scratch, and one
+question per image starves them.
 
 Output is LLaVA conversation json (``{split}.json``) next to an ``images/`` folder. Only
 pillow, numpy and the standard library are used (no torch).
@@ -37,52 +44,76 @@ import random
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-DOMAINS: tuple[str, ...] = ("colour", "count", "shape", "text", "position")
-# width:height
-ASPECTS: tuple[str, ...] = ("1:1", "1:2", "1:3", "1:4", "2:1", "3:1", "4:1", "3:2", "2:3")
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+from sphinx_edge.train.painters import (ASPECTS, COLOUR_JITTER, COLOURS, LONG_SIDE, LOOKS, SHAPES, Painter,
+                                        aspect_ratio, draw_shape, image_size)
+
+__all__ = ["ASPECTS", "COLOUR_JITTER", "COLOURS", "LONG_SIDE", "SHAPES", "draw_shape", "image_size"]
+
+DOMAINS: tuple[str, ...] = ("colour", "count", "shape", "text", "position", "words", "chart", "table", "marks")
+NANO1_DOMAINS: tuple[str, ...] = DOMAINS[:5]  # what SPHINX-Nano 1 learned: the plain look's default
+LOOK_DOMAINS: dict[str, tuple[str, ...]] = {"plain": NANO1_DOMAINS, "varied": DOMAINS}
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles",
                            "cross": "crosses"}
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (30, 160, 60),
-    "blue": (40, 80, 225),
-    "yellow": (240, 205, 20),
-    "purple": (140, 50, 185),
-    "orange": (245, 135, 20),
-}
-COLOUR_JITTER = 10  # each channel of a drawn colour is within this of its palette value
-LONG_SIDE = (160, 320)  # inclusive range of the image's longer side, pixels
 MAX_COUNT = 6
+WORDS: tuple[str, ...] = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "cake", "milk",
+                          "door", "rain", "snow", "leaf", "ship", "lamp", "rose", "frog", "hat", "cup", "key",
+                          "box", "bus", "car", "pen", "map", "egg", "owl", "bee", "ant", "cow")
+CHART_LABELS = "ABCDE"
+TABLE_COLUMNS: tuple[str, ...] = ("price", "size", "age", "score", "weight", "count")
 
-QUESTIONS: dict[str, str] = {
-    "colour": "What colour is the {shape}?",
-    "count": "How many {shapes} are there?",
-    "shape": "What shape is shown?",
-    "text": "What number is written in the image?",
-    "position": "Which side is the {colour} {shape} on?",
+# Question templates: the first of each is the canonical wording (plain look, independent renderer);
+# the varied look picks any of them.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?", "What color is the {shape}?",
+               "Which colour does the {shape} have?"),
+    "count": ("How many {shapes} are there?", "How many {shapes} can you see?", "What is the number of {shapes}?",
+              "Count the {shapes}."),
+    "shape": ("What shape is shown?", "Which shape is in the picture?", "What is the shape in the image?"),
+    "text": ("What number is written in the image?", "Which number is shown?", "What number do you see?",
+             "Read the number."),
+    "position": ("Which side is the {colour} {shape} on?", "On which side is the {colour} {shape}?",
+                 "Where is the {colour} {shape}: which side?"),
+    "digits": ("How many digits does the number have?",),
+    "first_digit": ("What is the first digit of the number?",),
+    "which_shape": ("Which shape is {colour}?", "What shape is {colour}?"),
+    "words": ("What does the text say?", "What is written in the image?", "Read the text.",
+              "Which words are written here?"),
+    "word_count": ("How many words are written?",),
+    "letters": ("How many letters does the word have?",),
+    "first_letter": ("What is the first letter of the word?",),
+    "chart_max": ("Which {item} has the largest value?", "Which {item} is the largest?",
+                  "Which {item} shows the biggest value?"),
+    "chart_min": ("Which {item} has the smallest value?", "Which {item} is the smallest?"),
+    "chart_value": ("What is the value of {item} {label}?", "Which value does {item} {label} have?"),
+    "chart_count": ("How many {items} are there?",),
+    "chart_colour": ("What colour is the {item} with the largest value?",),
+    "chart_trend": ("Does the line end higher or lower than it starts?",),
+    "table_cell": ("What is in row {row}, column {column}?", "What is the {column} in row {row}?",
+                   "Which value is in row {row} under {column}?"),
+    "table_rows": ("How many rows does the table have?",),
+    "marks_shape": ("What shape is marked {mark}?", "Which shape has the mark {mark}?",
+                    "What is the shape labelled {mark}?"),
+    "marks_colour": ("What colour is the shape marked {mark}?", "What is the colour of the shape marked {mark}?"),
+    "marks_number": ("Which number marks the {colour} {shape}?",),
 }
-EXTRA_QUESTIONS: dict[str, str] = {
-    "digits": "How many digits does the number have?",
-    "first_digit": "What is the first digit of the number?",
-}
+QUESTIONS: dict[str, str] = {d: TEMPLATES[d][0] for d in NANO1_DOMAINS}
+EXTRA_QUESTIONS: dict[str, str] = {k: TEMPLATES[k][0] for k in ("digits", "first_digit")}
 IMAGE_TOKEN = "<image>"
+JPEG_SHARE = 0.25  # varied look: JPEG re-encoded images besides the noisy ones (always JPEG)
+JPEG_QUALITY = (55, 92)
 
+Ask = tuple[str, dict, str]  # (template key, its fields, answer)
 QA = list[tuple[str, str]]  # (question, answer) pairs about one image, the domain's own first
 
 
-# --------------------------------------------------------------------------- geometry
-
-
-def aspect_ratio(aspect: str) -> float:
-    """Width / height of an ``"w:h"`` aspect string."""
-    w, h = aspect.split(":")
-    return int(w) / int(h)
+def nearest_aspect(width: int, height: int) -> str:
+    """The entry of ASPECTS closest (in log ratio) to a width x height image."""
+    r = math.log(width / height)
+    return min(ASPECTS, key=lambda a: abs(math.log(aspect_ratio(a)) - r))
 
 
 def is_padded_aspect(aspect: str) -> bool:
@@ -92,177 +123,57 @@ def is_padded_aspect(aspect: str) -> bool:
     return r >= 2.0 - 1e-9 or r <= 0.5 + 1e-9
 
 
-def image_size(aspect: str, long_side: int) -> tuple[int, int]:
-    """(width, height) for an aspect with the given longer side."""
-    r = aspect_ratio(aspect)
-    if r >= 1:
-        return long_side, max(1, round(long_side / r))
-    return max(1, round(long_side * r)), long_side
+# --------------------------------------------------------------------------- domains: Nano 1's five
+# (the plain look draws exactly what Nano 1 was trained on: keep these functions' draws of `rng` in order)
 
 
-def nearest_aspect(width: int, height: int) -> str:
-    """The entry of ASPECTS closest (in log ratio) to a width x height image."""
-    r = math.log(width / height)
-    return min(ASPECTS, key=lambda a: abs(math.log(aspect_ratio(a)) - r))
-
-
-def _grid(w: int, h: int, capacity: int) -> tuple[int, int]:
-    """(cols, rows) with at least ``capacity`` cells whose smaller side is as large as possible."""
-    best, best_key = (1, 1), None
-    for cols in range(1, capacity + 1):
-        rows = math.ceil(capacity / cols)
-        key = (min(w / cols, h / rows), -cols * rows)
-        if best_key is None or key > best_key:
-            best, best_key = (cols, rows), key
-    return best
-
-
-def _cells(rng: random.Random, w: int, h: int, k: int, capacity: int, fill: tuple[float, float]):
-    """k shape placements (cx, cy) in distinct grid cells plus one common radius r.
-
-    Shapes are confined to their cells with a margin, so distinct shapes are always clearly
-    apart (at least ~16% of a cell)."""
-    cols, rows = _grid(w, h, max(capacity, k))
-    cw, ch = w / cols, h / rows
-    m = max(1.5, 0.08 * min(cw, ch))
-    r = rng.uniform(*fill) * (min(cw, ch) / 2 - m)
-    cells = rng.sample(range(cols * rows), k)
-    out = []
-    for c in cells:
-        x0, y0 = (c % cols) * cw, (c // cols) * ch
-        cx = rng.uniform(x0 + m + r, x0 + cw - m - r)
-        cy = rng.uniform(y0 + m + r, y0 + ch - m - r)
-        out.append((cx, cy))
-    return out, r
-
-
-# --------------------------------------------------------------------------- drawing
-
-
-def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, ...]:
-    return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
-
-
-def _background(rng: random.Random) -> tuple[int, ...]:
-    base = rng.randint(228, 248)
-    return tuple(min(255, base + rng.randint(-6, 6)) for _ in range(3))
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
-    """Draw a filled, axis-aligned shape inside the box (cx +- r, cy +- r). No antialiasing, so
-    every drawn pixel has exactly the fill colour."""
-    if kind == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif kind == "square":
-        s = 0.86 * r
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-    elif kind == "cross":
-        t = 0.36 * r
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {kind!r}")
-
-
-@lru_cache(maxsize=512)
-def _font(size: int):
-    font = ImageFont.load_default(size=size)
-    return font if isinstance(font, ImageFont.FreeTypeFont) else None
-
-
-def _draw_number(rng: random.Random, img: Image.Image, text: str, fill) -> None:
-    """Render ``text`` large (about half the short side tall) anywhere it fits."""
-    w, h = img.size
-    size = max(8, int(rng.uniform(0.55, 0.9) * min(w, h)))
-    font = _font(size)
-    if font is None:  # Pillow without FreeType: upscale the fixed bitmap font.
-        _draw_number_bitmap(rng, img, text, fill)
-        return
-    for _ in range(8):
-        l, t, r, b = font.getbbox(text)
-        scale = min(0.9 * w / (r - l), 0.85 * h / (b - t))
-        if scale >= 1:
-            break
-        size = max(8, int(size * scale))
-        font = _font(size)
-    l, t, r, b = font.getbbox(text)
-    x = rng.uniform(0, max(0, w - (r - l)))
-    y = rng.uniform(0, max(0, h - (b - t)))
-    ImageDraw.Draw(img).text((round(x - l), round(y - t)), text, font=font, fill=fill)
-
-
-def _draw_number_bitmap(rng: random.Random, img: Image.Image, text: str, fill) -> None:
-    font = ImageFont.load_default()
-    l, t, r, b = font.getbbox(text)
-    mask = Image.new("L", (r - l, b - t), 0)
-    ImageDraw.Draw(mask).text((-l, -t), text, font=font, fill=255)
-    w, h = img.size
-    scale = min(0.9 * w / mask.width, 0.85 * h / mask.height) * rng.uniform(0.7, 1.0)
-    mask = mask.resize((max(1, int(mask.width * scale)), max(1, int(mask.height * scale))), Image.NEAREST)
-    x = rng.randint(0, max(0, w - mask.width))
-    y = rng.randint(0, max(0, h - mask.height))
-    img.paste(Image.new("RGB", mask.size, fill), (x, y), mask)
-
-
-# --------------------------------------------------------------------------- domains
-
-
-def _sample_colour(rng, img, draw):
-    w, h = img.size
+def _sample_colour(rng: random.Random, p: Painter) -> list[Ask]:
     k = rng.randint(1, 3)
     kinds = rng.sample(SHAPES, k)
     colours = rng.sample(list(COLOURS), k)
-    centres, r = _cells(rng, w, h, k, capacity=4, fill=(0.65, 0.95))
+    centres, r = p.place(k, 4, (0.65, 0.95))
     for kind, colour, (cx, cy) in zip(kinds, colours, centres):
-        draw_shape(draw, kind, cx, cy, r, _jitter(rng, COLOURS[colour], COLOUR_JITTER))
+        p.shape(kind, cx, cy, r, p.colour(colour), colour)
     i = rng.randrange(k)
     order = [i] + [j for j in range(k) if j != i]
-    return [(QUESTIONS["colour"].format(shape=kinds[j]), colours[j]) for j in order]
+    asks = [("colour", {"shape": kinds[j]}, colours[j]) for j in order]
+    if p.name == "varied":  # binding both ways
+        asks += [("which_shape", {"colour": colours[j]}, kinds[j]) for j in order]
+    return asks
 
 
-def _sample_count(rng, img, draw):
-    w, h = img.size
+def _sample_count(rng: random.Random, p: Painter) -> list[Ask]:
     n = rng.randint(1, MAX_COUNT)
     kind = rng.choice(SHAPES)
     name = rng.choice(list(COLOURS))
-    colour = _jitter(rng, COLOURS[name], COLOUR_JITTER)
+    colour = p.colour(name)
     # A fixed capacity (not n-dependent) so that shape size says nothing about the count.
-    centres, r = _cells(rng, w, h, n, capacity=MAX_COUNT, fill=(0.72, 0.95))
+    centres, r = p.place(n, MAX_COUNT, (0.72, 0.95))
     for cx, cy in centres:
-        draw_shape(draw, kind, cx, cy, r, colour)
-    return [(QUESTIONS["count"].format(shapes=PLURALS[kind]), str(n)),
-            (QUESTIONS["shape"], kind),
-            (QUESTIONS["colour"].format(shape=kind), name)]
+        p.shape(kind, cx, cy, r, colour, name)
+    return [("count", {"shapes": PLURALS[kind]}, str(n)), ("shape", {}, kind), ("colour", {"shape": kind}, name)]
 
 
-def _sample_shape(rng, img, draw):
-    w, h = img.size
+def _sample_shape(rng: random.Random, p: Painter) -> list[Ask]:
     kind = rng.choice(SHAPES)
     name = rng.choice(list(COLOURS))
-    colour = _jitter(rng, COLOURS[name], COLOUR_JITTER)
-    centres, r = _cells(rng, w, h, 1, capacity=1, fill=(0.55, 0.95))
+    colour = p.colour(name)
+    centres, r = p.place(1, 1, (0.55, 0.95))
     cx, cy = centres[0]
-    draw_shape(draw, kind, cx, cy, r, colour)
-    return [(QUESTIONS["shape"], kind),
-            (QUESTIONS["colour"].format(shape=kind), name),
-            (QUESTIONS["count"].format(shapes=PLURALS[kind]), "1")]
+    p.shape(kind, cx, cy, r, colour, name)
+    return [("shape", {}, kind), ("colour", {"shape": kind}, name), ("count", {"shapes": PLURALS[kind]}, "1")]
 
 
-def _sample_text(rng, img, draw):
+def _sample_text(rng: random.Random, p: Painter) -> list[Ask]:
     digits = rng.randint(1, 3)
     number = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-    fill = tuple(rng.randint(0, 60) for _ in range(3))
-    _draw_number(rng, img, str(number), fill)
+    p.big_text(str(number), p.ink())
     text = str(number)
-    return [(QUESTIONS["text"], text),
-            (EXTRA_QUESTIONS["digits"], str(len(text))),
-            (EXTRA_QUESTIONS["first_digit"], text[0])]
+    return [("text", {}, text), ("digits", {}, str(len(text))), ("first_digit", {}, text[0])]
 
 
-def _sample_position(rng, img, draw):
-    w, h = img.size
+def _sample_position(rng: random.Random, p: Painter) -> list[Ask]:
+    w, h = p.w, p.h
     tall = h > w
     long_, short = (h, w) if tall else (w, h)
     r = min(rng.uniform(0.10, 0.16) * long_, rng.uniform(0.3, 0.42) * short)
@@ -274,29 +185,182 @@ def _sample_position(rng, img, draw):
     for kind, colour, a in zip(kinds, colours, along):
         b = rng.uniform(r + 1, short - r - 1)
         cx, cy = (b, a) if tall else (a, b)
-        draw_shape(draw, kind, cx, cy, r, _jitter(rng, COLOURS[colour], COLOUR_JITTER))
+        p.shape(kind, cx, cy, r, p.colour(colour), colour)
     i = rng.randrange(2)
     sides = ("top", "bottom") if tall else ("left", "right")
-    qa = [(QUESTIONS["position"].format(colour=colours[j], shape=kinds[j]), sides[j]) for j in (i, 1 - i)]
+    asks = [("position", {"colour": colours[j], "shape": kinds[j]}, sides[j]) for j in (i, 1 - i)]
     if kinds[0] != kinds[1]:
-        qa += [(QUESTIONS["colour"].format(shape=kinds[j]), colours[j]) for j in (0, 1)]
-    return qa
+        asks += [("colour", {"shape": kinds[j]}, colours[j]) for j in (0, 1)]
+    return asks
 
 
-_DOMAIN_FNS = {
+# --------------------------------------------------------------------------- domains: SPHINX-X's mix in miniature
+
+
+def _sample_words(rng: random.Random, p: Painter) -> list[Ask]:
+    n = 1 if rng.random() < 0.7 else 2
+    phrase = " ".join(rng.sample(WORDS, n))
+    shown = rng.choice((phrase, phrase, phrase.title(), phrase.upper()))
+    p.big_text(shown, p.ink())
+    asks = [("words", {}, phrase), ("word_count", {}, str(n))]
+    if n == 1:
+        asks += [("letters", {}, str(len(phrase))), ("first_letter", {}, phrase[0])]
+    return asks
+
+
+def _sample_chart(rng: random.Random, p: Painter) -> list[Ask]:
+    """Bars (points on a line, in wide images, 30 %) with letters under them and values on them.
+    Tall images get horizontal bars, letters on the left."""
+    w, h = p.w, p.h
+    n = rng.randint(3, 5)
+    values = rng.sample(range(1, 10), n)  # distinct: one largest, one smallest
+    labels = CHART_LABELS[:n]
+    horizontal = h > 1.2 * w
+    item = "point" if not horizontal and rng.random() < 0.3 else "bar"
+    names = [rng.choice(list(COLOURS))] * n if rng.random() < 0.5 else rng.sample(list(COLOURS), n)
+    fills = [p.colour(c) for c in names]
+    ink = p.ink()
+    long_, short = (h, w) if horizontal else (w, h)
+    slot = 0.9 * long_ / n
+    text_h = min(0.085 * short, 0.45 * slot) * rng.uniform(0.8, 1.0)
+    lw = max(1.0, 0.006 * max(w, h))
+    start = 0.05 * long_  # the first slot's start along the category axis
+    base = (0.06 * w + 1.8 * text_h) if horizontal else (h - 0.05 * h - 1.6 * text_h)  # the value axis' zero
+    end = (w - 0.04 * w - 2.6 * text_h) if horizontal else (0.05 * h + 1.7 * text_h)  # where 9 would reach
+    grid = rng.random() < 0.3
+    for v in (3, 6, 9) if grid else ():
+        at = base + (end - base) * v / 9
+        p.line([(at, start), (at, start + n * slot)] if horizontal else [(start, at), (start + n * slot, at)],
+               (205, 205, 205), lw)
+    p.line([(base, start), (base, start + n * slot)] if horizontal else [(start, base), (start + n * slot, base)], ink, lw)
+    tips = []
+    for i, (v, label, fill) in enumerate(zip(values, labels, fills)):
+        mid = start + slot * (i + 0.5)
+        tip = base + (end - base) * v / 9
+        tips.append(tip)
+        half = slot * rng.uniform(0.25, 0.35)
+        if item == "bar":
+            p.rect((min(base, tip), mid - half, max(base, tip), mid + half) if horizontal else
+                   (mid - half, min(base, tip), mid + half, max(base, tip)), fill)
+        if horizontal:
+            p.label(label, base - 1.0 * text_h, mid, text_h, ink)
+            p.label(str(v), tip + 0.9 * text_h, mid, text_h, ink)
+        else:
+            p.label(label, mid, base + 0.95 * text_h, text_h, ink)
+            p.label(str(v), mid, tip - 0.95 * text_h, text_h, ink)
+        p.record.append({"item": item, "label": label, "value": v, "colour": names[i], "at": round(mid, 1),
+                         "base": round(base, 1), "tip": round(tip, 1), "horizontal": horizontal})
+    if item == "point":
+        mids = [start + slot * (i + 0.5) for i in range(n)]
+        p.line(list(zip(mids, tips)), ink, lw * 1.5)
+        m = min(0.3 * slot, 0.05 * short)
+        for x, y, fill in zip(mids, tips, fills):
+            p.ellipse((x - m, y - m, x + m, y + m), fill)
+    top, low = labels[values.index(max(values))], labels[values.index(min(values))]
+    j = rng.randrange(n)
+    own = rng.choice((("chart_max", {"item": item}, top), ("chart_min", {"item": item}, low),
+                      ("chart_value", {"item": item, "label": labels[j]}, str(values[j]))))
+    asks = [own, ("chart_max", {"item": item}, top), ("chart_min", {"item": item}, low),
+            ("chart_count", {"items": item + "s"}, str(n))]
+    asks += [("chart_value", {"item": item, "label": lb}, str(v)) for lb, v in zip(labels, values)]
+    if len(set(names)) == n:
+        asks.append(("chart_colour", {"item": item}, names[values.index(max(values))]))
+    if item == "point":
+        asks.append(("chart_trend", {}, "higher" if values[-1] > values[0] else "lower"))
+    return [own] + [a for a in asks[1:] if a != own]
+
+
+def _sample_table(rng: random.Random, p: Painter) -> list[Ask]:
+    """A header row of column names over 2-3 rows of numbers; grid lines, rules or zebra stripes."""
+    w, h = p.w, p.h
+    ncols = rng.randint(2, 3) if w >= 0.8 * h else 2
+    nrows = rng.randint(2, 3)
+    columns = rng.sample(TABLE_COLUMNS, ncols)
+    values = [[rng.randint(1, 99) for _ in columns] for _ in range(nrows)]
+    cell_h = min(0.92 * h / (nrows + 1), 0.92 * w / (ncols * 2.4)) * rng.uniform(0.85, 1.0)
+    cell_w = min(cell_h * rng.uniform(2.2, 2.8), 0.95 * w / ncols)
+    tw, th = cell_w * ncols, cell_h * (nrows + 1)
+    x0, y0 = rng.uniform(0, w - tw), rng.uniform(0, h - th)
+    ink = p.ink()
+    style = rng.choice(("grid", "rules", "zebra"))
+    lw = max(1.0, 0.004 * max(w, h))
+    if style == "zebra":
+        shade = tuple(max(0, v - 30) for v in (235, 235, 240))
+        for r in range(0, nrows + 1, 2):
+            p.rect((x0, y0 + r * cell_h, x0 + tw, y0 + (r + 1) * cell_h), shade)
+    text_h = min(0.45 * cell_h, 0.17 * cell_w) * rng.uniform(0.85, 1.0)
+    for c, name in enumerate(columns):
+        p.label(name, x0 + (c + 0.5) * cell_w, y0 + 0.5 * cell_h, text_h, ink, bold=True)
+    for r, row in enumerate(values):
+        for c, v in enumerate(row):
+            p.label(str(v), x0 + (c + 0.5) * cell_w, y0 + (r + 1.5) * cell_h, text_h, ink)
+    if style == "grid":
+        for r in range(nrows + 2):
+            p.line([(x0, y0 + r * cell_h), (x0 + tw, y0 + r * cell_h)], ink, lw)
+        for c in range(ncols + 1):
+            p.line([(x0 + c * cell_w, y0), (x0 + c * cell_w, y0 + th)], ink, lw)
+    elif style == "rules":
+        for y in (y0, y0 + cell_h, y0 + th):
+            p.line([(x0, y), (x0 + tw, y)], ink, lw)
+    p.record.append({"table": [list(columns)] + values, "box": [round(v, 1) for v in (x0, y0, x0 + tw, y0 + th)]})
+    cells = [(r, c) for r in range(nrows) for c in range(ncols)]
+    rng.shuffle(cells)
+    asks = [("table_cell", {"row": r + 1, "column": columns[c]}, str(values[r][c])) for r, c in cells]
+    return asks + [("table_rows", {}, str(nrows))]
+
+
+def _sample_marks(rng: random.Random, p: Painter) -> list[Ask]:
+    """2-4 shapes, each with a numbered mark (a disc or box with a digit) on its upper left corner."""
+    k = rng.randint(2, 4)
+    kinds = [rng.choice(SHAPES) for _ in range(k)]
+    colours = rng.sample(list(COLOURS), k)
+    centres, r = p.place(k, 4, (0.55, 0.8))
+    marks = rng.sample(range(1, k + 1), k)
+    for kind, colour, (cx, cy) in zip(kinds, colours, centres):
+        p.shape(kind, cx, cy, r, p.colour(colour), colour)
+    boxed, dark = rng.random() < 0.4, rng.random() < 0.3
+    m = max(0.4 * r, 0.035 * max(p.w, p.h))
+    back, fore = ((25, 25, 25), (250, 250, 250)) if dark else ((252, 252, 252), (20, 20, 20))
+    for mark, (cx, cy) in zip(marks, centres):
+        mx = min(p.w - m - 1, max(m + 1, cx - 0.8 * r))
+        my = min(p.h - m - 1, max(m + 1, cy - 0.8 * r))
+        (p.rect if boxed else p.ellipse)((mx - m, my - m, mx + m, my + m), back, outline=(20, 20, 20), width=0.12 * m)
+        p.label(str(mark), mx, my, 1.05 * m, fore)
+        p.record.append({"mark": mark, "centre": [round(mx, 1), round(my, 1)], "radius": round(m, 1),
+                         "on": [round(cx, 1), round(cy, 1)]})
+    j = rng.randrange(k)
+    own = rng.choice((("marks_shape", {"mark": marks[j]}, kinds[j]), ("marks_colour", {"mark": marks[j]}, colours[j])))
+    asks = [own]
+    for i in range(k):
+        asks += [("marks_shape", {"mark": marks[i]}, kinds[i]), ("marks_colour", {"mark": marks[i]}, colours[i]),
+                 ("marks_number", {"colour": colours[i], "shape": kinds[i]}, str(marks[i]))]
+    return [own] + [a for a in asks[1:] if a != own]
+
+
+_DOMAIN_FNS: dict[str, Callable[[random.Random, Painter], list[Ask]]] = {
     "colour": _sample_colour,
     "count": _sample_count,
     "shape": _sample_shape,
     "text": _sample_text,
     "position": _sample_position,
+    "words": _sample_words,
+    "chart": _sample_chart,
+    "table": _sample_table,
+    "marks": _sample_marks,
 }
+assert tuple(_DOMAIN_FNS) == DOMAINS
 
+# The answers to each domain's own (first) question.
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
     "count": tuple(str(i) for i in range(1, MAX_COUNT + 1)),
     "shape": SHAPES,
     "text": tuple(str(i) for i in range(1000)),
     "position": ("left", "right", "top", "bottom"),
+    "words": WORDS + tuple(f"{a} {b}" for a in WORDS for b in WORDS if a != b),
+    "chart": tuple(CHART_LABELS) + tuple(str(i) for i in range(1, 10)),
+    "table": tuple(str(i) for i in range(1, 100)),
+    "marks": SHAPES + tuple(COLOURS),
 }
 
 
@@ -313,7 +377,7 @@ def _rng(*parts) -> random.Random:
     return seeded_rng("sphinx-edge-synthetic", *parts)
 
 
-def _plan(n: int, seed: int, split: str, domains: Sequence[str] = DOMAINS) -> list[tuple[str, str]]:
+def _plan(n: int, seed: int, split: str, domains: Sequence[str]) -> list[tuple[str, str]]:
     """(domain, aspect) per sample: shuffled blocks of every combination, so both are balanced."""
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown or not domains:
@@ -328,46 +392,63 @@ def _plan(n: int, seed: int, split: str, domains: Sequence[str] = DOMAINS) -> li
     return plan[:n]
 
 
-def make_sample(domain: str, aspect: str, rng: random.Random) -> tuple[Image.Image, QA]:
-    """One image for a domain and aspect, drawn with ``rng``, and every (question, answer) it
-    supports, the domain's own question first."""
-    w, h = image_size(aspect, rng.randint(*LONG_SIDE))
-    img = Image.new("RGB", (w, h), _background(rng))
-    qa = _DOMAIN_FNS[domain](rng, img, ImageDraw.Draw(img))
-    return img, qa
+def make_sample(domain: str, aspect: str, rng: random.Random, look: str = "plain",
+                phrasing: random.Random | None = None) -> tuple[Image.Image, QA, Painter]:
+    """One image for a domain and aspect, drawn with ``rng`` in a look, every (question, answer) it
+    supports (the domain's own question first), and the painter (its ``record`` says what was drawn).
+    Questions take their canonical wording, or with ``phrasing`` a paraphrase drawn from it."""
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
+    painter = LOOKS[look](rng, aspect)
+    asks = _DOMAIN_FNS[domain](rng, painter)
+    qa = [((phrasing.choice(TEMPLATES[key]) if phrasing else TEMPLATES[key][0]).format(**fields), answer)
+          for key, fields, answer in asks]
+    return painter.finish(), qa, painter
 
 
 def _write_sample(job: tuple) -> dict:
     """Draws sample i (its own rng: the result does not depend on which process draws it), saves its
     image and returns its record."""
-    out_dir, seed, split, i, domain, aspect, extra_questions = job
-    img, qa = make_sample(domain, aspect, _rng(seed, split, i))
-    name = f"images/{split}_{i:06d}.png"
-    img.save(out_dir / name, format="PNG")
+    out_dir, seed, split, i, domain, aspect, extra_questions, look = job
+    varied = look != "plain"
+    img, qa, painter = make_sample(domain, aspect, _rng(seed, split, i), look,
+                                   _rng(seed, split, i, "phrasing") if varied else None)
+    jpeg = varied and (painter.jpeg or _rng(seed, split, i, "jpeg").random() < JPEG_SHARE)
+    name = f"images/{split}_{i:06d}.{'jpg' if jpeg else 'png'}"
+    if jpeg:
+        img.save(out_dir / name, format="JPEG", quality=_rng(seed, split, i, "quality").randint(*JPEG_QUALITY))
+    else:
+        img.save(out_dir / name, format="PNG")
     if not extra_questions:
         qa = qa[:1]
     conversations = []
     for turn, (question, answer) in enumerate(qa):
         prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
         conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-    return {"id": f"{split}_{i:06d}", "image": name, "domain": domain, "aspect": aspect,
-            "conversations": conversations}
+    record = {"id": f"{split}_{i:06d}", "image": name, "domain": domain, "aspect": aspect,
+              "conversations": conversations}
+    if varied:  # (Nano 1's records stay as they were)
+        record |= {"look": look, "size": list(img.size), "drawn": painter.record}
+    return record
 
 
 def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_questions: bool = False,
-             workers: int = 1, domains: Sequence[str] = DOMAINS) -> Path:
-    """Write ``n`` samples to ``out_dir/images/{split}_{i:06d}.png`` and ``out_dir/{split}.json``.
+             workers: int = 1, domains: Sequence[str] | None = None, look: str = "plain") -> Path:
+    """Write ``n`` samples to ``out_dir/images/{split}_{i:06d}.png|.jpg`` and ``out_dir/{split}.json``.
 
     The json is a LLaVA conversation list; each record also carries ``domain`` and ``aspect``
-    (``"w:h"``). With ``extra_questions`` a record's conversation goes on, after its domain's own
-    question, with every other question its image answers (the images are the same either way).
-    Deterministic: the same (seed, split, n, extra_questions) gives the same bytes, with any number
-    of worker processes. ``domains`` limits the set to some domains (a reading-only set, say).
-    Returns the json path."""
+    (``"w:h"``, the planned one; the varied look spreads the drawn ratio around it and records
+    ``size`` and ``drawn``). With ``extra_questions`` a record's conversation goes on, after its
+    domain's own question, with every other question its image answers (the images are the same
+    either way). Deterministic: the same (seed, split, n, extra_questions, look) gives the same bytes,
+    with any number of worker processes. ``domains`` limits the set to some domains (default: the
+    look's, LOOK_DOMAINS). Returns the json path."""
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
     out_dir = Path(out_dir)
-    plan = _plan(n, seed, split, domains)
+    plan = _plan(n, seed, split, LOOK_DOMAINS[look] if domains is None else domains)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, split, i, domain, aspect, extra_questions) for i, (domain, aspect) in enumerate(plan)]
+    jobs = [(out_dir, seed, split, i, domain, aspect, extra_questions, look) for i, (domain, aspect) in enumerate(plan)]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             records = pool.map(_write_sample, jobs, chunksize=64)
@@ -427,8 +508,10 @@ def evaluate(
 ) -> dict:
     """Exact-match accuracy of ``predict(image_path, question) -> answer`` on a LLaVA json.
 
-    Returns ``{"accuracy", "n", "per_domain", "per_aspect", "padded_tiles", "n_padded"}``;
-    ``padded_tiles`` is the accuracy over samples with aspect >= 2:1 or <= 1:2 (None if none).
+    Returns ``{"accuracy", "n", "per_domain", "per_aspect", "padded_tiles", "n_padded",
+    "colour_by_shapes"}``; ``padded_tiles`` is the accuracy over samples with aspect >= 2:1 or <= 1:2
+    (None if none); ``colour_by_shapes`` the colour questions' accuracy by the number of shapes drawn
+    (``{"1": ..., "2": ...}``, from records that keep their drawing; empty if none do).
     """
     data_json = Path(data_json)
     records = json.loads(data_json.read_text(encoding="utf-8"))
@@ -439,6 +522,7 @@ def evaluate(
     per_domain: dict[str, list[bool]] = defaultdict(list)
     per_aspect: dict[str, list[bool]] = defaultdict(list)
     padded: list[bool] = []
+    by_shapes: dict[int, list[bool]] = defaultdict(list)
     for i, rec in enumerate(records):
         image_path = data_json.parent / rec["image"]
         pred = predict(image_path, question_of(rec))
@@ -449,6 +533,8 @@ def evaluate(
         per_aspect[aspect].append(ok)
         if is_padded_aspect(aspect):
             padded.append(ok)
+        if rec.get("domain") == "colour" and "drawn" in rec:
+            by_shapes[sum("shape" in d for d in rec["drawn"])].append(ok)
         if progress is not None:
             progress(i + 1, total)
     order = {a: j for j, a in enumerate(ASPECTS)}
@@ -461,4 +547,5 @@ def evaluate(
             order.get(a, len(order)), a))},
         "padded_tiles": _acc(padded) if padded else None,
         "n_padded": len(padded),
+        "colour_by_shapes": {str(k): _acc(by_shapes[k]) for k in sorted(by_shapes)},
     }

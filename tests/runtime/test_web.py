@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from sphinx_edge.bundled import NANO_EXPORT
-from sphinx_edge.runtime.web_bundle import WEB_DIR, WebBundleError, build_site, make_server, tokenizer_json
+from sphinx_edge.bundled import NANO_EXPORT, SAMPLES
+from sphinx_edge.runtime.pipeline import Pipeline
+from sphinx_edge.runtime.web_bundle import WEB_DIR, WebBundleError, build_site, make_server, sample_index, tokenizer_json
 from conftest import ask_in_browser, need_node
 from web_vectors import bundled_tokenizer, write_tiling_vectors, write_tokenizer_vectors
 
@@ -183,13 +184,23 @@ def test_browser_answers_like_python(browser_tools, nano_int4_export, tmp_path):
     cases = _held_out_cases(nano_int4_export, tmp_path)
     decode_only = _decode_cases(tmp_path)
     site = build_site(nano_int4_export, tmp_path / "site")
+    gallery = sample_index()
+    sample = gallery[-1]  # the last sample image and its second suggested question, clicked on the page
+    suggested = {"sample": sample["image"], "suggestion": 1, "image": str(SAMPLES / sample["image"])}
     result = ask_in_browser(node, site, [{"image": c["image"], "question": c["question"]} for c in cases]
-                            + [{"image": str(p)} for p in decode_only], tmp_path, max_new_tokens=16)
+                            + [suggested] + [{"image": str(p)} for p in decode_only], tmp_path, max_new_tokens=16)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pages = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(pages) == len(cases) + len(decode_only), result.stdout[-3000:]
+    assert len(pages) == len(cases) + 1 + len(decode_only), result.stdout[-3000:]
     for page in pages:  # the browser decodes each PNG to the RGB bytes that PIL gives the Python runtime
         assert page["rgbSha256"] == _rgb_sha256(page["image"]), f"{Path(page['image']).name}: {page['status']}"
+    # every bundled sample is offered, and its suggestion asks its question about it, as Python answers it
+    assert sorted(p.name for p in (site / "samples").glob("*.png")) == sorted(e["image"] for e in gallery)
+    page = pages[len(cases)]
+    question = sample["questions"][1]
+    want = Pipeline(nano_int4_export, "onnx").answer(question, SAMPLES / sample["image"], max_new_tokens=16)
+    assert page["state"] == "done" and page["asked"] == question, (page["status"], page["errors"])
+    assert page["result"]["tokenIds"] == want.token_ids and page["shown"] == want.text
     pages = pages[:len(cases)]
 
     for want, page in zip(cases, pages):

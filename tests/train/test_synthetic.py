@@ -1,4 +1,5 @@
-"""The synthetic VQA generator (answers correct by construction, determinism, format) and the evaluator."""
+"""The synthetic VQA generator in its plain look (answers correct by construction, determinism, format) and the
+evaluator. The varied look: test_synthetic_varied.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sphinx_edge.train.synthetic import (
     ANSWERS,
     ASPECTS,
     COLOURS,
-    DOMAINS,
+    NANO1_DOMAINS,
     QUESTIONS,
     SHAPES,
     answer_of,
@@ -108,7 +109,7 @@ def test_llava_format(dataset):
         assert rec["id"] == f"train_{i:06d}"
         assert rec["image"] == f"images/train_{i:06d}.png"
         assert (path.parent / rec["image"]).is_file()
-        assert rec["domain"] in DOMAINS and rec["aspect"] in ASPECTS
+        assert rec["domain"] in NANO1_DOMAINS and rec["aspect"] in ASPECTS
         conv = rec["conversations"]
         assert [t["from"] for t in conv] == ["human", "gpt"]
         assert all(isinstance(t["value"], str) for t in conv)
@@ -120,7 +121,7 @@ def test_every_domain_and_aspect_appears_balanced(dataset):
     _, records = dataset
     domains = Counter(r["domain"] for r in records)
     aspects = Counter(r["aspect"] for r in records)
-    assert set(domains) == set(DOMAINS) and set(aspects) == set(ASPECTS)
+    assert set(domains) == set(NANO1_DOMAINS) and set(aspects) == set(ASPECTS)
     assert max(domains.values()) - min(domains.values()) <= 5
     assert max(aspects.values()) - min(aspects.values()) <= 5
 
@@ -296,8 +297,8 @@ def test_domain_subset_is_balanced_over_aspects(tmp_path):
 
 
 def test_unknown_domain_is_refused_before_writing(tmp_path):
-    with pytest.raises(ValueError, match="unknown domains.*'words'"):
-        generate(tmp_path / "d", 5, seed=0, domains=("text", "words"))
+    with pytest.raises(ValueError, match="unknown domains.*'scribbles'"):
+        generate(tmp_path / "d", 5, seed=0, domains=("text", "scribbles"))
     assert not (tmp_path / "d").exists()
 
 
@@ -326,7 +327,7 @@ def test_evaluate_oracle_scores_one(dataset):
 
     res = evaluate(oracle, path, progress=lambda i, n: calls.append((i, n)))
     assert res["accuracy"] == 1.0 and res["n"] == N
-    assert set(res["per_domain"]) == set(DOMAINS) and all(v == 1.0 for v in res["per_domain"].values())
+    assert set(res["per_domain"]) == set(NANO1_DOMAINS) and all(v == 1.0 for v in res["per_domain"].values())
     assert set(res["per_aspect"]) == set(ASPECTS) and all(v == 1.0 for v in res["per_aspect"].values())
     assert res["padded_tiles"] == 1.0
     assert res["n_padded"] == sum(syn.is_padded_aspect(r["aspect"]) for r in records)

@@ -4,7 +4,8 @@
 //
 //   node test/e2e.mjs http://127.0.0.1:8000/ cases.json      cases: [{"image": PATH, "question": Q}, ...]
 //
-// A case without a question only decodes the image (its rgbSha256 checks the browser's decoding).
+// A case without a question only decodes the image (its rgbSha256 checks the browser's decoding). A case
+// {"sample": NAME, "suggestion": I} clicks the page's sample image NAME, then its I-th suggested question.
 //
 // Environment: CHROMIUM (default /usr/bin/chromium), MAX_NEW_TOKENS (default 16), TIMEOUT_MS (60000).
 import { readFileSync } from "node:fs";
@@ -45,7 +46,8 @@ try {
 
   for (const c of cases) {
     await page.evaluate(() => { window.demo.image = null; });
-    await page.setInputFiles("#file", c.image);
+    if (c.sample) await page.click(`#samples button[data-image="${c.sample}"]`);
+    else await page.setInputFiles("#file", c.image);
     // The image is decoded asynchronously; the Ask button is enabled once it is.
     await page.waitForFunction(() => window.demo.image || document.body.dataset.state === "error", null, { timeout });
     // SHA-256 of the decoded RGB bytes: the test compares it with Python's layout.load_image.
@@ -54,16 +56,26 @@ try {
       const digest = await crypto.subtle.digest("SHA-256", window.demo.image.rgb);
       return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
     });
-    if (!c.question) { // decode only
+    if (!c.question && !c.sample) { // decode only
       console.log(JSON.stringify({ ...c, rgbSha256, status: await page.textContent("#status"), errors }));
       continue;
     }
-    await page.fill("#question", c.question);
-    await page.click("#go");
+    if (c.sample) {
+      await page.waitForFunction((i) => document.querySelectorAll("#suggestions button").length > i, c.suggestion,
+        { timeout });
+      await page.waitForFunction(() => !document.getElementById("go").disabled, null, { timeout });
+      await page.click(`#suggestions button >> nth=${c.suggestion}`);
+      await page.waitForFunction(() => document.body.dataset.state !== "ready", null, { timeout });
+    } else {
+      await page.fill("#question", c.question);
+      await page.click("#go");
+    }
     const [final, message] = await waitFor(["done", "error"]);
     const result = final === "done" ? JSON.parse(await page.textContent("#result")) : null;
     const shown = await page.textContent("#answer");
-    console.log(JSON.stringify({ ...c, rgbSha256, state: final, status: message, shown, result, loadMs, isolated, errors }));
+    const asked = await page.inputValue("#question");
+    console.log(JSON.stringify({ ...c, rgbSha256, asked, state: final, status: message, shown, result, loadMs, isolated,
+      errors }));
   }
 } finally {
   await browser.close();
