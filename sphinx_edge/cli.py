@@ -395,6 +395,9 @@ def warmup_encoders_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the data order and of the fresh LLM weights.")] = 0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to copy into the model directory.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Held-out JSON: print the warm-up classifier's exact match on it.")] = None,
+    views: Annotated[Literal["global", "all"], typer.Option(
+        help="What the experts see: the global view only, or every encoded view as the LLM gets them (global + "
+             "tiles; about 3.7x the time and memory on synthetic data).")] = "global",
 ) -> None:
     """Supervised warm-up of the two visual experts on question answering, standing in for the
     pretrained CLIP / DINOv2 that real SPHINX starts from (models trained from scratch: Nano)."""
@@ -408,7 +411,7 @@ def warmup_encoders_cmd(
     try:
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
-               eval_json=str(eval_data) if eval_data else None)
+               eval_json=str(eval_data) if eval_data else None, views=views)
     except ValueError as e:  # DataError (unreadable data or images) or an unknown size
         fail(str(e))
 

@@ -4,8 +4,8 @@ Real SPHINX starts from pretrained CLIP-ConvNeXt and DINOv2 and keeps them froze
 have no pretrained weights, and learning vision from scratch through the LLM's loss alone is slow
 (benchmarks/RESULTS.md: 48.6 % after 4000 steps; a classifier on the experts learns from about 3x
 as many answers per second as the whole model does). This stands in for their pretraining: both
-experts encode an image's global view, and a small question-conditioned classifier on top of their
-concatenated tokens predicts each short answer, a word per answer slot or one digit per slot for
+experts encode an image's global view (or all its views, as the LLM gets them: `views="all"`), and a
+small question-conditioned classifier on top of their concatenated tokens predicts each short answer, a word per answer slot or one digit per slot for
 numbers (so "407" is "4", "0", "7", <end>). The classifier is thrown away afterwards; the warmed-up
 experts go into a fresh model directory (random LLM, projector and special embeddings, as
 `build_model` draws them) that the one-stage recipe starts from with `init = ...` and trains on
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sphinx_edge.config import SphinxConfig, get_config
-from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, preprocess
+from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, plan_tiles, preprocess
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import DataError, read_conversations
 from sphinx_edge.train.recipe import one_blas_thread, warmup_cosine
@@ -68,15 +68,21 @@ class AnswerHead(nn.Module):
         self.slot = nn.Parameter(torch.zeros(SLOTS, width))
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, n_pieces))
 
-    def forward(self, features: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        """[B, tokens, vision_dim], [B] -> [B, SLOTS, n_pieces] logits."""
+    def forward(self, features: torch.Tensor, questions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, tokens, vision_dim], [B] -> [B, SLOTS, n_pieces] logits. `mask` [B, tokens] (True: a
+        token) leaves out the padding of images with fewer views than others."""
         x = self.norm(features)
         b, t, _ = x.shape
         k = self.keys(x).view(b, t, self.heads, -1).transpose(1, 2)  # [B, heads, tokens, d]
         v = self.values(x).view(b, t, self.heads, -1).transpose(1, 2)
         q = self.queries(questions).view(b, SLOTS, self.heads, -1).transpose(1, 2)  # [B, heads, SLOTS, d]
-        read = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, SLOTS, -1)
-        z = read + self.question(questions)[:, None] + self.mean(x.mean(dim=1))[:, None] + self.slot
+        attend = None if mask is None else mask[:, None, None, :]
+        read = F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(b, SLOTS, -1)
+        if mask is None:
+            mean = x.mean(dim=1)
+        else:
+            mean = (x * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        z = read + self.question(questions)[:, None] + self.mean(mean)[:, None] + self.slot
         return self.mlp(z)
 
 
@@ -94,24 +100,46 @@ def _to_uint8(view: np.ndarray, mean, std) -> np.ndarray:
     return np.clip(np.rint((x - lo) * (255 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
-def _global_views(job: tuple[str, SphinxConfig]) -> tuple[np.ndarray, np.ndarray]:
-    """The image's global views, cut by the layout's own preprocess (its tiles are discarded) so they
-    match what the model sees later exactly."""
-    image, config = job
+VIEWS = ("global", "all")  # what the experts see in the warm-up: the global view, or every view the LLM gets
+
+
+def _views(job: tuple[str, SphinxConfig, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The image's global view, or all its encoded views (global, then the tiles that are not pure padding),
+    cut by the layout's own preprocess so they match what the model sees later exactly."""
+    image, config, views = job
     try:
         _, cv, dv = preprocess(image, layout=config.layout, grid=config.grid,
                                tile_size=config.convnext.image_size, dino_size=config.dinov2.image_size)
     except ImageLoadError as e:
         raise DataError(str(e)) from e
-    return _to_uint8(cv[0], CLIP_MEAN, CLIP_STD), _to_uint8(dv[0], IMAGENET_MEAN, IMAGENET_STD)
+    if views == "global":
+        cv, dv = cv[:1], dv[:1]
+    return _to_uint8(cv, CLIP_MEAN, CLIP_STD), _to_uint8(dv, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _view_count(image: str, config: SphinxConfig) -> int:
+    """How many views `_views(..., "all")` gives, from the image's size alone."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            size = im.size
+    except OSError as e:
+        raise DataError(f"cannot read image {image}: {e}") from e
+    plan = plan_tiles(*size, layout=config.layout, grid=config.grid, tile_size=config.convnext.image_size,
+                      dino_size=config.dinov2.image_size)
+    return 1 + sum(plan.encoded)
 
 
 class WarmupData:
-    """Every (image, question, answer pieces) of LLaVA JSON files, with the images' global views in
-    memory as uint8 (Nano's 60,000 views take 3.5 GB)."""
+    """Every (image, question, answer pieces) of LLaVA JSON files, with the images' views in memory as
+    uint8: the global views only (Nano's 60,000 take 3.5 GB), or every encoded view (`views="all"`:
+    about 3.7 per synthetic image, so about 13 GB for 60,000)."""
 
     def __init__(self, json_files: Iterable[str | os.PathLike], config: SphinxConfig, *, limit: int | None = None,
-                 workers: int = 2, progress=None) -> None:
+                 workers: int = 2, progress=None, views: str = "global") -> None:
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
         records = [r for f in json_files for r in read_conversations(f) if r[0] is not None][:limit]
         if not records:
             raise DataError("no records with an image")
@@ -132,12 +160,19 @@ class WarmupData:
         self.question_ids = torch.tensor([r[1] for r in rows])
         self.targets = torch.tensor([r[2] for r in rows])
         c = config
-        self.convnext = torch.empty(len(records), 3, c.convnext.image_size, c.convnext.image_size, dtype=torch.uint8)
-        self.dinov2 = torch.empty(len(records), 3, c.dinov2.image_size, c.dinov2.image_size, dtype=torch.uint8)
-        jobs = [(image, config) for image, _ in records]
+        self.n_images = len(records)
+        counts = [1 if views == "global" else _view_count(image, config) for image, _ in records]
+        self.view_count = torch.tensor(counts)
+        self.first_view = torch.cumsum(self.view_count, 0) - self.view_count
+        total = int(self.view_count.sum())
+        self.convnext = torch.empty(total, 3, c.convnext.image_size, c.convnext.image_size, dtype=torch.uint8)
+        self.dinov2 = torch.empty(total, 3, c.dinov2.image_size, c.dinov2.image_size, dtype=torch.uint8)
+        jobs = [(image, config, views) for image, _ in records]
         with get_context("fork").Pool(workers, initializer=one_blas_thread, initargs=(0,)) as pool:
-            for i, (cv, dv) in enumerate(pool.imap(_global_views, jobs, chunksize=64)):
-                self.convnext[i], self.dinov2[i] = torch.from_numpy(cv), torch.from_numpy(dv)
+            for i, (cv, dv) in enumerate(pool.imap(_views, jobs, chunksize=64)):
+                start, n = int(self.first_view[i]), counts[i]
+                assert len(cv) == n, f"{records[i][0]}: {len(cv)} views, {n} planned"
+                self.convnext[start:start + n], self.dinov2[start:start + n] = torch.from_numpy(cv), torch.from_numpy(dv)
                 if progress is not None:
                     progress(i + 1, len(jobs))
             # Workers leave on their own: the context's terminate() SIGTERMs them, and one waiting on the
@@ -148,11 +183,28 @@ class WarmupData:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ConvNeXt views, DINOv2 views, views per row, question ids, targets): the rows' images' views
+        one after another (see `read_views`)."""
         images = self.image_index[rows]
-        return (_normalize(self.convnext[images], CLIP_MEAN, CLIP_STD),
-                _normalize(self.dinov2[images], IMAGENET_MEAN, IMAGENET_STD),
-                self.question_ids[rows], self.targets[rows])
+        counts = self.view_count[images]
+        index = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(self.first_view[images], counts)])
+        return (_normalize(self.convnext[index], CLIP_MEAN, CLIP_STD),
+                _normalize(self.dinov2[index], IMAGENET_MEAN, IMAGENET_STD),
+                counts, self.question_ids[rows], self.targets[rows])
+
+
+def read_views(model: SphinxModel, convnext: torch.Tensor, dinov2: torch.Tensor,
+               counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The experts' tokens of each row's views as one set: [B, max views x tokens, vision_dim], and the
+    mask of real tokens [B, ...] (None when every row has one view)."""
+    features = model.visual_features(convnext, dinov2)  # [sum(counts), tokens, dim]
+    if bool((counts == 1).all()):
+        return features, None
+    per_row = [f.flatten(0, 1) for f in features.split(counts.tolist())]
+    padded = torch.nn.utils.rnn.pad_sequence(per_row, batch_first=True)
+    lengths = torch.tensor([len(f) for f in per_row])
+    return padded, torch.arange(padded.shape[1])[None, :] < lengths[:, None]
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -185,9 +237,10 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
     for step in range(steps):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(data), generator=gen), 0
-        cv, dv, questions, targets = data.batch(order[pos:pos + batch_size])
+        cv, dv, counts, questions, targets = data.batch(order[pos:pos + batch_size])
         pos += batch_size
-        logits = head(model.visual_features(cv, dv), questions)
+        features, mask = read_views(model, cv, dv, counts)
+        logits = head(features, questions, mask)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,9 +275,10 @@ def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data:
     remap_p = torch.tensor([p_index.get(p, -1) for p in data.pieces])
     hits = []
     for chunk in rows.split(batch_size):
-        cv, dv, questions, targets = data.batch(chunk)
+        cv, dv, counts, questions, targets = data.batch(chunk)
         known = remap_q[questions] >= 0
-        logits = head(model.visual_features(cv, dv), remap_q[questions].clamp(min=0))
+        features, mask = read_views(model, cv, dv, counts)
+        logits = head(features, remap_q[questions].clamp(min=0), mask)
         hits.append((logits.argmax(-1) == remap_p[targets]).all(-1) & known)
     hits = torch.cat(hits)
     result = {"accuracy": hits.float().mean().item(), "n": len(hits)}
@@ -238,7 +292,7 @@ def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data:
 
 def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 2500, batch_size: int = 128,
          lr: float = 1e-3, limit: int | None = None, seed: int = 0, tokenizer: str | None = None,
-         workers: int = 2, eval_json: str | None = None) -> Path:
+         workers: int = 2, eval_json: str | None = None, views: str = "global") -> Path:
     """Warm up `size`'s experts on `json_files` and save a model directory at `out` (the experts
     trained, everything else as `build_model(seed=seed)` draws it)."""
     from rich.progress import Progress
@@ -247,16 +301,16 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
 
     config = get_config(size)
     with Progress() as bar:
-        task = bar.add_task("global views", total=None)
-        data = WarmupData(json_files, config, limit=limit, workers=workers,
+        task = bar.add_task(f"{views} views", total=None)
+        data = WarmupData(json_files, config, limit=limit, workers=workers, views=views,
                           progress=lambda i, n: bar.update(task, completed=i, total=n))
-    print(f"{len(data)} questions about {len(data.convnext)} images; {len(data.questions)} distinct questions, "
-          f"{len(data.pieces)} answer pieces", flush=True)
+    print(f"{len(data)} questions about {data.n_images} images ({len(data.convnext)} views); "
+          f"{len(data.questions)} distinct questions, {len(data.pieces)} answer pieces", flush=True)
     model = build_model(config, seed=seed)
     head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               log=lambda s: print(s, flush=True))
     if eval_json is not None:
-        held_out = WarmupData([eval_json], config, workers=workers)
+        held_out = WarmupData([eval_json], config, workers=workers, views=views)
         domains = [r.get("domain", "unknown") for r in json.loads(Path(eval_json).read_text()) if r.get("image")]
         result = head_accuracy(model, head, data, held_out, domains)
         per = "  ".join(f"{d} {a:.1%}" for d, a in sorted(result["per_domain"].items()))

@@ -12,7 +12,8 @@ from sphinx_edge.config import get_config
 from sphinx_edge.layout import CLIP_STD, IMAGENET_STD, preprocess
 from sphinx_edge.model.sphinx import build_model
 from sphinx_edge.train.data import DataError
-from sphinx_edge.train.encoder_warmup import END, PIXEL_RANGE, SLOTS, AnswerHead, WarmupData, answer_pieces, main, warmup_encoders
+from sphinx_edge.train.encoder_warmup import (END, PIXEL_RANGE, SLOTS, AnswerHead, WarmupData, answer_pieces, main,
+                                              read_views, warmup_encoders)
 from sphinx_edge.train.synthetic import generate
 
 from tests.conftest import make_image
@@ -57,10 +58,48 @@ def test_data_rows_and_views(synth_json):
     # The cached uint8 global views normalise back to the layout's own global views.
     _, cv, dv = preprocess(synth_json.parent / records[0]["image"], layout=config.layout, grid=config.grid,
                            tile_size=config.convnext.image_size, dino_size=config.dinov2.image_size)
-    got_cv, got_dv, _, _ = data.batch(torch.tensor([0]))
+    got_cv, got_dv, counts, _, _ = data.batch(torch.tensor([0]))
+    assert counts.tolist() == [1] and len(got_cv) == 1
     half_step = (PIXEL_RANGE[1] - PIXEL_RANGE[0]) / 255 / 2  # the uint8 code's rounding, in pixel units
     assert (got_cv[0] - torch.from_numpy(cv[0])).abs().max() <= half_step / min(CLIP_STD) + 1e-5
     assert (got_dv[0] - torch.from_numpy(dv[0])).abs().max() <= half_step / min(IMAGENET_STD) + 1e-5
+
+
+def test_all_views_are_the_layouts_views_read_as_one_set(synth_json):
+    """views="all": each image's encoded views (global, then unpadded tiles) as the LLM gets them; the
+    head reads a row's tokens of all its views, and the padding of rows with fewer views changes nothing."""
+    config = get_config("nano")
+    data = WarmupData([synth_json], config, workers=1, views="all")
+    records = json.loads(synth_json.read_text())
+    assert data.n_images == len(records) and len(data.convnext) == int(data.view_count.sum()) > len(records)
+    half_step = (PIXEL_RANGE[1] - PIXEL_RANGE[0]) / 255 / 2
+    rows = torch.tensor([0, len(data) - 1])  # the first and the last record's first/last questions
+    cv, dv, counts, questions, _ = data.batch(rows)
+    for row, image in zip(rows.tolist(), data.image_index[rows].tolist()):
+        _, want_cv, want_dv = preprocess(synth_json.parent / records[image]["image"], layout=config.layout,
+                                         grid=config.grid, tile_size=config.convnext.image_size,
+                                         dino_size=config.dinov2.image_size)
+        start = 0 if row == 0 else int(counts[0])
+        n = len(want_cv)
+        assert int(data.view_count[image]) == n
+        assert (cv[start:start + n] - torch.from_numpy(want_cv)).abs().max() <= half_step / min(CLIP_STD) + 1e-5
+        assert (dv[start:start + n] - torch.from_numpy(want_dv)).abs().max() <= half_step / min(IMAGENET_STD) + 1e-5
+    assert sorted(set(data.view_count.tolist())) != [1]  # some images have padded tiles, some not
+    model = build_model(config, seed=0).eval()
+    head = AnswerHead(config.vision_dim, len(data.questions), len(data.pieces)).eval()
+    pick = torch.tensor([int(torch.argmax(data.view_count[data.image_index])),
+                         int(torch.argmin(data.view_count[data.image_index]))])  # most and fewest views
+    with torch.no_grad():
+        cv, dv, counts, questions, _ = data.batch(pick)
+        assert counts[0] > counts[1]
+        features, mask = read_views(model, cv, dv, counts)
+        both = head(features, questions, mask)
+        for i in range(2):
+            alone, no_mask = read_views(model, *data.batch(pick[i:i + 1])[:3])
+            assert no_mask is None or bool(no_mask.all())
+            torch.testing.assert_close(head(alone, questions[i:i + 1]), both[i:i + 1], rtol=1e-4, atol=1e-5)
+    _, rows = warmup_encoders(model, data, steps=4, batch_size=8, warmup_steps=1, log=lambda s: None, log_every=2)
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
 
 
 def test_bad_image_is_a_data_error(tmp_path):
