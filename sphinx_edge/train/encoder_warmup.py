@@ -34,6 +34,7 @@ from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import DataError, read_conversations
 from sphinx_edge.train.recipe import one_blas_thread, warmup_cosine
+from sphinx_edge.train.synthetic import canonical_question
 
 SLOTS = 4  # answer pieces per question, <end> included: numbers up to 3 digits
 END = "<end>"
@@ -151,7 +152,7 @@ class WarmupData:
                 pieces = answer_pieces(answer)
                 if len(pieces) >= SLOTS:
                     continue
-                qi = q_index.setdefault(question, len(q_index))
+                qi = q_index.setdefault(canonical_question(question), len(q_index))
                 ids = [p_index.setdefault(p, len(p_index)) for p in pieces] + [0] * (SLOTS - len(pieces))
                 rows.append((i, qi, ids))
         self.questions: list[str] = list(q_index)

@@ -41,6 +41,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -108,6 +109,38 @@ JPEG_QUALITY = (55, 92)
 
 Ask = tuple[str, dict, str]  # (template key, its fields, answer)
 QA = list[tuple[str, str]]  # (question, answer) pairs about one image, the domain's own first
+
+
+# What each template field can be: parse_question reads a question back into (template key, fields).
+FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES, "shapes": tuple(PLURALS.values()), "colour": tuple(COLOURS), "item": ("bar", "point"),
+    "items": ("bars", "points"), "label": tuple(CHART_LABELS), "mark": tuple("1234"), "row": tuple("123"),
+    "column": TABLE_COLUMNS,
+}
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{'|'.join(map(re.escape, FIELD_VALUES[p]))})"
+                              for i, p in enumerate(parts)))
+
+
+_PATTERNS = [(key, _template_pattern(t)) for key, templates in TEMPLATES.items() for t in templates]
+
+
+def parse_question(question: str) -> tuple[str, dict[str, str]] | None:
+    """(template key, fields) of a question in any of its wordings, or None for one no template asks."""
+    for key, pattern in _PATTERNS:
+        if m := pattern.fullmatch(question.strip()):
+            return key, m.groupdict()
+    return None
+
+
+def canonical_question(question: str) -> str:
+    """The canonical wording of a paraphrased question (itself if no template asks it): what the warm-up's
+    classifier keys its per-question queries by, so that paraphrases share them."""
+    parsed = parse_question(question)
+    return question if parsed is None else TEMPLATES[parsed[0]][0].format(**parsed[1])
 
 
 def nearest_aspect(width: int, height: int) -> str:

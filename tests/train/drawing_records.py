@@ -5,32 +5,17 @@ look and independent.py), which write records of the same form."""
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 
 import numpy as np
 
 from sphinx_edge.train import synthetic as syn
-from sphinx_edge.train.synthetic import COLOURS, PLURALS, SHAPES, TEMPLATES
-
-FIELDS = {"shape": SHAPES, "shapes": tuple(PLURALS.values()), "colour": tuple(COLOURS), "item": ("bar", "point"),
-          "items": ("bars", "points"), "label": tuple(syn.CHART_LABELS), "mark": tuple("1234"), "row": tuple("123"),
-          "column": syn.TABLE_COLUMNS}
-
-
-def _template_regex(template: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", template)
-    body = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{'|'.join(FIELDS[p])})" for i, p in enumerate(parts))
-    return re.compile(body)
-
-
-PATTERNS = [(key, _template_regex(t)) for key, templates in TEMPLATES.items() for t in templates]
-
+from sphinx_edge.train.synthetic import COLOURS, PLURALS
 
 def parse(question: str) -> tuple[str, dict]:
-    found = [(key, m.groupdict()) for key, rx in PATTERNS if (m := rx.fullmatch(question))]
-    assert len(found) == 1, f"{len(found)} templates ask {question!r}"
-    return found[0]
+    parsed = syn.parse_question(question)
+    assert parsed is not None, f"no template asks {question!r}"
+    return parsed
 
 
 def solve(rec: dict, key: str, f: dict) -> str:

@@ -14,7 +14,7 @@ from sphinx_edge.model.sphinx import build_model
 from sphinx_edge.train.data import DataError
 from sphinx_edge.train.encoder_warmup import (END, PIXEL_RANGE, SLOTS, AnswerHead, WarmupData, answer_pieces, main,
                                               read_views, warmup_encoders)
-from sphinx_edge.train.synthetic import generate
+from sphinx_edge.train.synthetic import canonical_question, generate
 
 from tests.conftest import make_image
 
@@ -100,6 +100,14 @@ def test_all_views_are_the_layouts_views_read_as_one_set(synth_json):
             torch.testing.assert_close(head(alone, questions[i:i + 1]), both[i:i + 1], rtol=1e-4, atol=1e-5)
     _, rows = warmup_encoders(model, data, steps=4, batch_size=8, warmup_steps=1, log=lambda s: None, log_every=2)
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+
+
+def test_paraphrases_share_a_question_query(tmp_path):
+    """The classifier learns one query per question; a paraphrase must not split its examples."""
+    path = generate(tmp_path, 27, seed=2, extra_questions=True, look="varied", domains=("colour", "count", "shape"))
+    asked = {t["value"].removeprefix("<image>\n") for r in json.loads(path.read_text()) for t in r["conversations"][::2]}
+    data = WarmupData([path], get_config("nano"), workers=1)
+    assert len(data.questions) == len({canonical_question(q) for q in asked}) < len(asked)
 
 
 def test_bad_image_is_a_data_error(tmp_path):

@@ -40,6 +40,7 @@ def test_every_answer_follows_the_drawing_record(varied):
         pairs = _pairs(rec)
         assert len({q for q, _ in pairs}) == len(pairs), f"{rec['id']}: a question asked twice"
         for question, answer in pairs:
+            assert sum(bool(p.fullmatch(question)) for _, p in syn._PATTERNS) == 1, f"ambiguous: {question!r}"
             key, fields = parse(question)
             assert solve(rec, key, fields) == answer, (rec["id"], question, answer)
             asked[key] += 1
@@ -101,3 +102,11 @@ def test_held_out_records_ask_one_question_and_plain_stays_nano1s(tmp_path):
     with pytest.raises(ValueError, match="unknown look"):
         generate(tmp_path / "x", 5, seed=0, look="sketchy")
     assert not (tmp_path / "x").exists()
+
+
+def test_paraphrases_read_back_to_their_canonical_wording():
+    assert syn.canonical_question("What color is the cross?") == "What colour is the cross?"
+    assert syn.canonical_question("Which value is in row 2 under price?") == "What is in row 2, column price?"
+    assert syn.canonical_question("Count the circles.") == "How many circles are there?"
+    assert syn.canonical_question("What is in the picture?") == "What is in the picture?"  # no template: itself
+    assert syn.parse_question("What is the value of bar F?") is None  # F labels no bar
