@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,7 @@ def _position(rng, w, h):
     return canvas, QUESTIONS["position"].format(colour=colours[j], shape=kinds[j]), sides[j]
 
 
+@lru_cache(maxsize=1024)  # each text looks its face up: read each font file once per size
 def _face(name: str, size: int) -> ImageFont.FreeTypeFont:
     if name == "aileron":
         return ImageFont.load_default(size=size)

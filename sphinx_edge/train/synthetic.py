@@ -49,10 +49,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sphinx_edge.train.painters import (ASPECTS, COLOUR_JITTER, COLOURS, LONG_SIDE, LOOKS, SHAPES, Painter,
-                                        aspect_ratio, draw_shape, image_size)
-
-__all__ = ["ASPECTS", "COLOUR_JITTER", "COLOURS", "LONG_SIDE", "SHAPES", "draw_shape", "image_size"]
+from sphinx_edge.train.painters import ASPECTS, COLOURS, LOOKS, SHAPES, Painter, aspect_ratio
 
 DOMAINS: tuple[str, ...] = ("colour", "count", "shape", "text", "position", "words", "chart", "table", "marks")
 NANO1_DOMAINS: tuple[str, ...] = DOMAINS[:5]  # what SPHINX-Nano 1 learned: the plain look's default
@@ -266,10 +263,11 @@ def _sample_chart(rng: random.Random, p: Painter) -> list[Ask]:
         p.line([(at, start), (at, start + n * slot)] if horizontal else [(start, at), (start + n * slot, at)],
                (205, 205, 205), lw)
     p.line([(base, start), (base, start + n * slot)] if horizontal else [(start, base), (start + n * slot, base)], ink, lw)
-    tips = []
+    mids, tips = [], []
     for i, (v, label, fill) in enumerate(zip(values, labels, fills)):
         mid = start + slot * (i + 0.5)
         tip = base + (end - base) * v / 9
+        mids.append(mid)
         tips.append(tip)
         half = slot * rng.uniform(0.25, 0.35)
         if item == "bar":
@@ -284,7 +282,6 @@ def _sample_chart(rng: random.Random, p: Painter) -> list[Ask]:
         p.record.append({"item": item, "label": label, "value": v, "colour": names[i], "at": round(mid, 1),
                          "base": round(base, 1), "tip": round(tip, 1), "horizontal": horizontal})
     if item == "point":
-        mids = [start + slot * (i + 0.5) for i in range(n)]
         p.line(list(zip(mids, tips)), ink, lw * 1.5)
         m = min(0.3 * slot, 0.05 * short)
         for x, y, fill in zip(mids, tips, fills):
@@ -425,14 +422,18 @@ def _plan(n: int, seed: int, split: str, domains: Sequence[str]) -> list[tuple[s
     return plan[:n]
 
 
+def _painter(look: str) -> type[Painter]:
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
+    return LOOKS[look]
+
+
 def make_sample(domain: str, aspect: str, rng: random.Random, look: str = "plain",
                 phrasing: random.Random | None = None) -> tuple[Image.Image, QA, Painter]:
     """One image for a domain and aspect, drawn with ``rng`` in a look, every (question, answer) it
     supports (the domain's own question first), and the painter (its ``record`` says what was drawn).
     Questions take their canonical wording, or with ``phrasing`` a paraphrase drawn from it."""
-    if look not in LOOKS:
-        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
-    painter = LOOKS[look](rng, aspect)
+    painter = _painter(look)(rng, aspect)
     asks = _DOMAIN_FNS[domain](rng, painter)
     qa = [((phrasing.choice(TEMPLATES[key]) if phrasing else TEMPLATES[key][0]).format(**fields), answer)
           for key, fields, answer in asks]
@@ -476,8 +477,7 @@ def generate(out_dir: Path, n: int, *, seed: int, split: str = "train", extra_qu
     either way). Deterministic: the same (seed, split, n, extra_questions, look) gives the same bytes,
     with any number of worker processes. ``domains`` limits the set to some domains (default: the
     look's, LOOK_DOMAINS). Returns the json path."""
-    if look not in LOOKS:
-        raise ValueError(f"unknown look {look!r}: choose from {', '.join(LOOKS)}")
+    _painter(look)  # refused before anything is written
     out_dir = Path(out_dir)
     plan = _plan(n, seed, split, LOOK_DOMAINS[look] if domains is None else domains)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sphinx_edge.train import synthetic as syn
+from sphinx_edge.train.painters import COLOUR_JITTER, LONG_SIDE
 from sphinx_edge.train.synthetic import (
     ANSWERS,
     ASPECTS,
@@ -53,7 +54,7 @@ def _pixels(path: Path, rec: dict) -> np.ndarray:
 
 def _colour_mask(px: np.ndarray, colour: str) -> np.ndarray:
     """Pixels drawn in (a jittered version of) a palette colour."""
-    return (np.abs(px - np.array(COLOURS[colour])).max(-1) <= syn.COLOUR_JITTER)
+    return (np.abs(px - np.array(COLOURS[colour])).max(-1) <= COLOUR_JITTER)
 
 
 def _present_colours(px: np.ndarray, min_pixels: int = 20) -> list[str]:
@@ -156,7 +157,7 @@ def test_images_have_recorded_aspect(dataset):
         with Image.open(path.parent / rec["image"]) as im:
             assert im.mode == "RGB"
             w, h = im.size
-        assert syn.LONG_SIDE[0] <= max(w, h) <= syn.LONG_SIDE[1]
+        assert LONG_SIDE[0] <= max(w, h) <= LONG_SIDE[1]
         a, b = map(int, rec["aspect"].split(":"))
         # within rounding of the short side
         short_exact = max(w, h) * min(a, b) / max(a, b)
