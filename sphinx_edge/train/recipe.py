@@ -20,7 +20,9 @@ import shutil
 import sys
 import time
 import tomllib
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,7 +270,8 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg: TrainConfig, ra
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with _one_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     if rank == 0:
         state = {"step": step, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
@@ -292,7 +295,8 @@ def load_checkpoint(model, optimizer, scheduler, cfg: TrainConfig) -> int:
     path = root / (root / "latest").read_text().strip()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
@@ -312,7 +316,8 @@ def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
     path = root / (root / "latest").read_text().strip()
     trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders)
     state = {"model": get_model_state_dict(trainee)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(trainee, state["model"])
     return save_native(trainee.model, out, tokenizer=cfg.tokenizer)
 
@@ -320,6 +325,16 @@ def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save and load that it runs without a process group;
+    on one CPU that is the plan, not news."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # --- The loop ------------------------------------------------------------------------------------
