@@ -398,6 +398,8 @@ def warmup_encoders_cmd(
     views: Annotated[Literal["global", "all"], typer.Option(
         help="What the experts see: the global view only, or every encoded view as the LLM gets them (global + "
              "tiles; about 3.7x the time and memory on synthetic data).")] = "global",
+    init: Annotated[Optional[Path], typer.Option(help="Model directory whose experts to warm up further (a "
+                                                 "previous warm-up's --out); default: fresh weights.")] = None,
 ) -> None:
     """Supervised warm-up of the two visual experts on question answering, standing in for the
     pretrained CLIP / DINOv2 that real SPHINX starts from (models trained from scratch: Nano)."""
@@ -408,10 +410,12 @@ def warmup_encoders_cmd(
             fail(f"{path} does not exist")
     if tokenizer is not None and not tokenizer.is_file():
         fail(f"tokenizer {tokenizer} does not exist")
+    if init is not None and not (init / "config.json").is_file():
+        fail(f"--init {init} is not a model directory (no config.json)")
     try:
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
-               eval_json=str(eval_data) if eval_data else None, views=views)
+               eval_json=str(eval_data) if eval_data else None, views=views, init=str(init) if init else None)
     except ValueError as e:  # DataError (unreadable data or images) or an unknown size
         fail(str(e))
 

@@ -161,6 +161,9 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert "experts + warm-up classifier on" in out and (tmp_path / "warm" / "model.safetensors").is_file()
     code, out = run("warmup-encoders", tmp_path / "missing.json", "--out", tmp_path / "warm2")
     assert code == 2 and "missing.json" in out and not (tmp_path / "warm2").exists()
+    code, out = run("warmup-encoders", tmp_path / "data" / "train.json", "--out", tmp_path / "warm2",
+                    "--init", tmp_path / "data")
+    assert code == 2 and "not a model directory" in out and not (tmp_path / "warm2").exists()
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'size = "nano"\nout_dir = "{tmp_path / "run"}"\ntokenizer = "{tmp_path / "tok.model"}"\n'

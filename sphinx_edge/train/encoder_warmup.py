@@ -293,9 +293,10 @@ def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data:
 
 def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 2500, batch_size: int = 128,
          lr: float = 1e-3, limit: int | None = None, seed: int = 0, tokenizer: str | None = None,
-         workers: int = 2, eval_json: str | None = None, views: str = "global") -> Path:
+         workers: int = 2, eval_json: str | None = None, views: str = "global", init: str | None = None) -> Path:
     """Warm up `size`'s experts on `json_files` and save a model directory at `out` (the experts
-    trained, everything else as `build_model(seed=seed)` draws it)."""
+    trained, everything else as `build_model(seed=seed)` draws it, or as the model directory `init`
+    holds: its experts train on, under a new classifier and a new learning-rate schedule)."""
     from rich.progress import Progress
 
     from sphinx_edge.checkpoints.native import save_native
@@ -307,7 +308,12 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
                           progress=lambda i, n: bar.update(task, completed=i, total=n))
     print(f"{len(data)} questions about {data.n_images} images ({len(data.convnext)} views); "
           f"{len(data.questions)} distinct questions, {len(data.pieces)} answer pieces", flush=True)
-    model = build_model(config, seed=seed)
+    if init is None:
+        model = build_model(config, seed=seed)
+    else:
+        from sphinx_edge.checkpoints import load_model
+
+        model = load_model(init, size)
     head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               log=lambda s: print(s, flush=True))
     if eval_json is not None:

@@ -144,3 +144,13 @@ def test_main_writes_a_model_the_recipe_can_start_from(synth_json, tmp_path, tok
     assert (out / "tokenizer.model").is_file()
     scored = capsys.readouterr().out.split("experts + warm-up classifier on ")[1]
     assert "of 24 (" in scored and all(d in scored for d in ("colour", "count", "shape", "text", "position"))
+
+
+def test_a_warm_up_continues_from_init(synth_json, tmp_path):
+    """--init: the experts start where a previous warm-up left them (with lr 0 they stay there), and the
+    rest of the model directory comes along."""
+    first = main([str(synth_json)], str(tmp_path / "first"), steps=2, batch_size=8, workers=1, seed=5)
+    again = main([str(synth_json)], str(tmp_path / "again"), steps=1, batch_size=8, workers=1, lr=0.0,
+                 init=str(first))
+    before, after = load_model(first).state_dict(), load_model(again).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
