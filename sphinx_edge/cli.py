@@ -400,6 +400,9 @@ def warmup_encoders_cmd(
              "tiles; about 3.7x the time and memory on synthetic data).")] = "global",
     init: Annotated[Optional[Path], typer.Option(help="Model directory whose experts to warm up further (a "
                                                  "previous warm-up's --out); default: fresh weights.")] = None,
+    sample_per: Annotated[Literal["question", "image"], typer.Option(
+        help="Draw batches per question (each question once an epoch) or per image (every image equally "
+             "often, one of its questions: domains that ask many questions per image no longer dominate).")] = "question",
 ) -> None:
     """Supervised warm-up of the two visual experts on question answering, standing in for the
     pretrained CLIP / DINOv2 that real SPHINX starts from (models trained from scratch: Nano)."""
@@ -415,7 +418,8 @@ def warmup_encoders_cmd(
     try:
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
-               eval_json=str(eval_data) if eval_data else None, views=views, init=str(init) if init else None)
+               eval_json=str(eval_data) if eval_data else None, views=views, init=str(init) if init else None,
+               sample_per=sample_per)
     except ValueError as e:  # DataError (unreadable data or images) or an unknown size
         fail(str(e))
 

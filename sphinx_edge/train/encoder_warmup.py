@@ -37,6 +37,7 @@ from sphinx_edge.train.recipe import one_blas_thread, warmup_cosine
 from sphinx_edge.train.synthetic import canonical_question
 
 SLOTS = 4  # answer pieces per question, <end> included: numbers up to 3 digits
+SAMPLE_PER = ("question", "image")
 END = "<end>"
 
 
@@ -184,6 +185,17 @@ class WarmupData:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def row_weights(self, per: str) -> torch.Tensor:
+        """Sampling weight of each row: equal (`per="question"`), or 1 / the questions asked of its image
+        (`per="image"`: every image, so every domain of a balanced set, gets the same share, however many
+        questions it asks; a table asks 8, a shape 3)."""
+        if per not in SAMPLE_PER:
+            raise ValueError(f"per must be one of {', '.join(SAMPLE_PER)}, not {per!r}")
+        if per == "question":
+            return torch.ones(len(self))
+        asked = torch.bincount(self.image_index, minlength=self.n_images)
+        return 1.0 / asked[self.image_index].float()
+
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ConvNeXt views, DINOv2 views, views per row, question ids, targets): the rows' images' views
         one after another (see `read_views`)."""
@@ -221,9 +233,10 @@ def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_size: int = 128, lr: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.05, seed: int = 0, log=print,
-                    log_every: int = 50) -> tuple[AnswerHead, list[dict]]:
+                    log_every: int = 50, sample_per: str = "question") -> tuple[AnswerHead, list[dict]]:
     """Trains model.convnext and model.dinov2 (in place) with a new AnswerHead; returns the head and the
-    log rows ({"step", "loss", "accuracy"}: accuracy = every slot of the answer right, on the batch)."""
+    log rows ({"step", "loss", "accuracy"}: accuracy = every slot of the answer right, on the batch).
+    `sample_per`: see `WarmupData.row_weights`."""
     torch.manual_seed(seed)
     cfg = model.config
     head = AnswerHead(cfg.vision_dim, len(data.questions), len(data.pieces))
@@ -234,12 +247,17 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, min_ratio=0.05))
     gen = torch.Generator().manual_seed(seed)
+    weights = data.row_weights(sample_per)
     order, pos, rows, t0, window = torch.randperm(len(data), generator=gen), 0, [], time.perf_counter(), []
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        cv, dv, counts, questions, targets = data.batch(order[pos:pos + batch_size])
-        pos += batch_size
+        if sample_per == "question":  # epochs of the rows in random order
+            if pos + batch_size > len(order):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            picked = order[pos:pos + batch_size]
+            pos += batch_size
+        else:
+            picked = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+        cv, dv, counts, questions, targets = data.batch(picked)
         features, mask = read_views(model, cv, dv, counts)
         logits = head(features, questions, mask)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -293,7 +311,8 @@ def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data:
 
 def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 2500, batch_size: int = 128,
          lr: float = 1e-3, limit: int | None = None, seed: int = 0, tokenizer: str | None = None,
-         workers: int = 2, eval_json: str | None = None, views: str = "global", init: str | None = None) -> Path:
+         workers: int = 2, eval_json: str | None = None, views: str = "global", init: str | None = None,
+         sample_per: str = "question") -> Path:
     """Warm up `size`'s experts on `json_files` and save a model directory at `out` (the experts
     trained, everything else as `build_model(seed=seed)` draws it, or as the model directory `init`
     holds: its experts train on, under a new classifier and a new learning-rate schedule)."""
@@ -315,7 +334,7 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
 
         model = load_model(init, size)
     head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                              log=lambda s: print(s, flush=True))
+                              log=lambda s: print(s, flush=True), sample_per=sample_per)
     if eval_json is not None:
         held_out = WarmupData([eval_json], config, workers=workers, views=views)
         domains = [r.get("domain", "unknown") for r in json.loads(Path(eval_json).read_text()) if r.get("image")]

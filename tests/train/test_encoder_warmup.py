@@ -154,3 +154,19 @@ def test_a_warm_up_continues_from_init(synth_json, tmp_path):
                  init=str(first))
     before, after = load_model(first).state_dict(), load_model(again).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sampling_per_image_gives_every_image_the_same_share(synth_json):
+    """sample_per="image": an image that is asked three questions is drawn as often as one asked one."""
+    data = WarmupData([synth_json], get_config("nano"), workers=1, limit=6)
+    asked = torch.bincount(data.image_index)
+    assert len(set(asked.tolist())) > 1  # the set asks some images more questions than others
+    weights = data.row_weights("image")
+    per_image = torch.zeros(data.n_images).index_add_(0, data.image_index, weights)
+    assert torch.allclose(per_image, torch.ones(data.n_images))
+    assert torch.equal(data.row_weights("question"), torch.ones(len(data)))
+    with pytest.raises(ValueError, match="per must be one of"):
+        data.row_weights("domain")
+    model = build_model(get_config("nano"), seed=0)
+    _, rows = warmup_encoders(model, data, steps=2, batch_size=4, log=lambda s: None, log_every=1, sample_per="image")
+    assert [r["step"] for r in rows] == [1, 2]
