@@ -413,8 +413,13 @@ def warmup_encoders_cmd(
             fail(f"{path} does not exist")
     if tokenizer is not None and not tokenizer.is_file():
         fail(f"tokenizer {tokenizer} does not exist")
-    if init is not None and not (init / "config.json").is_file():
-        fail(f"--init {init} is not a model directory (no config.json)")
+    if init is not None:  # checked before minutes of loading views: a readable checkpoint of --size
+        from sphinx_edge.checkpoints import CheckpointError, checkpoint_config
+
+        try:
+            checkpoint_config(init, size)
+        except CheckpointError as e:
+            fail(f"--init {init} is not a model directory of size {size}: {e}")
     try:
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -231,6 +231,21 @@ def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 # --- Training --------------------------------------------------------------------------------
 
 
+def _row_batches(data: WarmupData, batch_size: int, per: str, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of row indices: epochs of the rows in random order (per question), or rows drawn
+    with `data.row_weights(per)` (per image)."""
+    weights = data.row_weights(per)  # refuses an unknown `per` before the first step
+    if per == "image":
+        while True:
+            yield torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+    order, pos = torch.randperm(len(data), generator=gen), 0
+    while True:
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=gen), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
 def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_size: int = 128, lr: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.05, seed: int = 0, log=print,
                     log_every: int = 50, sample_per: str = "question") -> tuple[AnswerHead, list[dict]]:
@@ -246,18 +261,10 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, min_ratio=0.05))
-    gen = torch.Generator().manual_seed(seed)
-    weights = data.row_weights(sample_per)
-    order, pos, rows, t0, window = torch.randperm(len(data), generator=gen), 0, [], time.perf_counter(), []
+    batches = _row_batches(data, batch_size, sample_per, torch.Generator().manual_seed(seed))
+    rows, t0, window = [], time.perf_counter(), []
     for step in range(steps):
-        if sample_per == "question":  # epochs of the rows in random order
-            if pos + batch_size > len(order):
-                order, pos = torch.randperm(len(data), generator=gen), 0
-            picked = order[pos:pos + batch_size]
-            pos += batch_size
-        else:
-            picked = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        cv, dv, counts, questions, targets = data.batch(picked)
+        cv, dv, counts, questions, targets = data.batch(next(batches))
         features, mask = read_views(model, cv, dv, counts)
         logits = head(features, questions, mask)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
