@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,6 +18,17 @@ The assistant gives helpful, detailed, and polite answers to the human's questio
 Answer the question using a single word or phrase. blue green yellow one two four five
 What is written in the image? The number is 42. left right top bottom shape triangle
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_stay_under_pytests_folder(tmp_path_factory):
+    """Temporary files of the tests, and of the processes they start, go under pytest's own folder,
+    which keeps only the last three runs: some tests kill an export on purpose, and a killed process
+    cannot remove its temporary folders (left in /tmp, they filled a shared disk over many runs)."""
+    folder = tmp_path_factory.mktemp("tempfiles")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # Python caches the folder on first use: look again
+    yield
 
 
 @pytest.fixture(scope="session")
