@@ -39,6 +39,12 @@ from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
 from sphinx_edge.train.flops import model_flops_per_token, peak_flops
 
 
+# "token": every supervised token of the batch weighs the same (SPHINX's reference); "conversation":
+# each conversation's tokens are averaged first, so an image asking nine questions (a table) weighs
+# as much as one asking three (a colour), and a balanced set of images trains each domain equally.
+LOSS_PER = ("token", "conversation")
+
+
 @dataclass
 class DataSource:
     json: str
@@ -66,6 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     freeze_encoders: bool = True  # SPHINX freezes both visual experts
     encoder_lr_ratio: float = 1.0  # trained experts (freeze_encoders = false) learn at this fraction of lr
+    loss_per: str = "token"  # one of LOSS_PER: what the batch's loss averages over (batch_loss)
     vqa_suffix: bool = False
     seed: int = 0
     log_every: int = 10
@@ -93,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"{path}: unknown recipe keys {unknown}")
         return cls(**raw)
 
+    def __post_init__(self) -> None:
+        if self.loss_per not in LOSS_PER:
+            raise ValueError(f"loss_per must be one of {LOSS_PER}, got {self.loss_per!r}")
+
 
 # --- Distributed set-up ------------------------------------------------------------------------
 
@@ -118,12 +129,12 @@ class Trainee(nn.Module):
     projector, sequence assembly, LLM) runs inside this root module's forward.
     """
 
-    def __init__(self, model: SphinxModel, frozen_encoders: bool) -> None:
+    def __init__(self, model: SphinxModel, frozen_encoders: bool, loss_per: str = "token") -> None:
         super().__init__()
-        self.model, self.frozen_encoders = model, frozen_encoders
+        self.model, self.frozen_encoders, self.loss_per = model, frozen_encoders, loss_per
 
     def forward(self, examples: list[Example]) -> tuple[torch.Tensor, int]:
-        return batch_loss(self.model, examples, self.model.start_img.device, self.frozen_encoders)
+        return batch_loss(self.model, examples, self.model.start_img.device, self.frozen_encoders, self.loss_per)
 
 
 def shard_model(trainee: Trainee) -> None:
@@ -228,8 +239,10 @@ def micro_batches(mixture: Mixture, first: int, count: int, workers: int) -> Ite
 # --- One step ------------------------------------------------------------------------------------
 
 
-def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device, frozen: bool) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the supervised tokens of a padded batch, and the tokens processed (padding included)."""
+def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device, frozen: bool,
+               loss_per: str = "token") -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the supervised tokens of a padded batch (`loss_per="conversation"`: the
+    mean of each conversation's mean), and the tokens processed (padding included)."""
     views = [(e.convnext_views, e.dinov2_views) for e in examples if e.convnext_views is not None]
     view_embeds = None
     if views:
@@ -251,9 +264,15 @@ def batch_loss(model: SphinxModel, examples: list[Example], device: torch.device
         targets[i, : len(e.targets)] = torch.from_numpy(e.targets)
     logits = model.llm(embeds)
     targets = targets.to(device)
-    n_tokens = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss / max(n_tokens, 1), int(embeds.shape[0] * embeds.shape[1])
+    supervised = (targets != IGNORE).sum(dim=1)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(targets.shape).sum(dim=1)
+    if loss_per == "conversation":
+        kept = supervised > 0
+        loss = (loss[kept] / supervised[kept]).sum() / max(int(kept.sum()), 1)
+    else:
+        loss = loss.sum() / max(int(supervised.sum()), 1)
+    return loss, int(embeds.shape[0] * embeds.shape[1])
 
 
 # --- Checkpoints ---------------------------------------------------------------------------------
@@ -314,7 +333,7 @@ def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
     if not (root / "latest").exists():
         raise FileNotFoundError(f"{root} holds no checkpoint yet")
     path = root / (root / "latest").read_text().strip()
-    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders)
+    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders, cfg.loss_per)
     state = {"model": get_model_state_dict(trainee)}
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
@@ -354,7 +373,7 @@ def train(cfg: TrainConfig) -> list[float]:
     datasets = [ConversationDataset(d.json, tokenizer, model.config, max_len=cfg.max_len, vqa_suffix=cfg.vqa_suffix)
                 for d in cfg.data]
     mixture = Mixture(datasets, [d.weight for d in cfg.data], cfg.batch_size, cfg.seed, rank, world)
-    trainee = Trainee(model, cfg.freeze_encoders)
+    trainee = Trainee(model, cfg.freeze_encoders, cfg.loss_per)
     shard_model(trainee)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))

@@ -134,3 +134,34 @@ def test_shipped_recipes_load(recipe):
     if recipe.stem == "nano":  # starts from the experts `sphinx-edge warmup-encoders` writes, and trains them on
         assert cfg.init and cfg.init.endswith("runs/nano-encoders") and not cfg.freeze_encoders
         assert 0 < cfg.encoder_lr_ratio < 1 and len(cfg.data) == 2
+
+
+def test_loss_per_conversation_weighs_each_conversation_once(tmp_path, tokenizer):
+    """The batch's loss per conversation is the mean of each conversation's own mean (each computed
+    alone, a batch of one); per token, the conversations weigh by their supervised tokens."""
+    from sphinx_edge.config import get_config
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.train.data import encode_example
+    from sphinx_edge.train.recipe import batch_loss
+
+    config = get_config("test-tiny")
+    model = build_model(config, seed=0).eval()
+    images = write_dataset(tmp_path, n=2).parent / "images"
+    few = [("What colour is the square?", "red")]
+    many = few + [("How many circles are there?", "three"), ("What is written in the image?", "The number is 42.")]
+    examples = [encode_example(pairs, str(images / f"{i}.png"), tokenizer, config, max_len=256)
+                for i, pairs in enumerate([few, many])]
+    with torch.no_grad():
+        alone = [batch_loss(model, [e], torch.device("cpu"), frozen=True)[0].item() for e in examples]
+        per_conversation = batch_loss(model, examples, torch.device("cpu"), True, loss_per="conversation")[0].item()
+        per_token = batch_loss(model, examples, torch.device("cpu"), True, loss_per="token")[0].item()
+    tokens = [int((e.targets >= 0).sum()) for e in examples]
+    assert tokens[1] > 2 * tokens[0]
+    assert per_conversation == pytest.approx(sum(alone) / 2, rel=1e-5)
+    assert per_token == pytest.approx((alone[0] * tokens[0] + alone[1] * tokens[1]) / sum(tokens), rel=1e-5)
+    assert abs(per_conversation - per_token) > 1e-3  # the two weightings do differ on this batch
+
+
+def test_an_unknown_loss_per_is_refused(tmp_path, tokenizer_file):
+    with pytest.raises(ValueError, match="loss_per must be one of \\('token', 'conversation'\\), got 'image'"):
+        TrainConfig.load(write_recipe(tmp_path, tokenizer_file), loss_per="image")
