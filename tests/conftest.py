@@ -28,7 +28,6 @@ def _temporary_files_stay_under_pytests_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tempfiles")
     os.environ["TMPDIR"] = str(folder)
     tempfile.tempdir = None  # Python caches the folder on first use: look again
-    yield
 
 
 @pytest.fixture(scope="session")

@@ -333,7 +333,7 @@ def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
     if not (root / "latest").exists():
         raise FileNotFoundError(f"{root} holds no checkpoint yet")
     path = root / (root / "latest").read_text().strip()
-    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders, cfg.loss_per)
+    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders)
     state = {"model": get_model_state_dict(trainee)}
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
