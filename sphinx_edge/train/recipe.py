@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sphinx_edge.config import get_config
+from sphinx_edge.errors import UserError
 from sphinx_edge.io import write_text_atomic
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
@@ -233,7 +234,18 @@ def micro_batches(mixture: Mixture, first: int, count: int, workers: int) -> Ite
         return (mixture.batch(first + k) for k in range(count))
     loader = torch.utils.data.DataLoader(_MicroBatches(mixture, first, count), batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, prefetch_factor=4, worker_init_fn=one_blas_thread)
-    return iter(loader)
+    return _worker_deaths_explained(iter(loader))
+
+
+def _worker_deaths_explained(batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+    # A worker killed from outside (the kernel's OOM killer, a stray kill) surfaces as torch's
+    # RuntimeError, which the CLI would report as a bug; it is the user's to act on, and nothing is lost.
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise UserError(f"{e} (out of memory?); the same command resumes from the last checkpoint") from None
 
 
 # --- One step ------------------------------------------------------------------------------------
