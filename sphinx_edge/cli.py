@@ -781,7 +781,8 @@ def evaluate(
     fmt: Annotated[Format, typer.Option("--format", help="With --export: the graphs to run.")] = Format.ONNX,
     max_views: MaxViews = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N samples only.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores (and every wrong answer) as JSON here.")] = None,
+    mistakes: Annotated[int, typer.Option(min=0, help="Also list the first N wrong answers.")] = 0,
 ) -> None:
     """Exact-match accuracy on held-out questions (greedy answers), per domain and aspect ratio, of a
     PyTorch model or of an export."""
@@ -821,6 +822,13 @@ def evaluate(
                  **{f"colour, {n} shape(s)": x for n, x in result["colour_by_shapes"].items()}}.items():
         table.add_row(k, f"{v:.1%}")
     console.print(table)
+    if mistakes and result["mistakes"]:
+        wrong = Table(title=f"wrong answers ({min(mistakes, len(result['mistakes']))} of {len(result['mistakes'])})")
+        for column in ("image", "question", "expected", "answer"):
+            wrong.add_column(column)
+        for m in result["mistakes"][:mistakes]:
+            wrong.add_row(m["image"], m["question"], m["expected"], m["answer"])
+        console.print(wrong)
     if json_out:
         from sphinx_edge.io import write_text_atomic
 

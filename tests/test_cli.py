@@ -182,7 +182,7 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
     assert not (final["convnext.stem.0.weight"] == warm["convnext.stem.0.weight"]).all()  # the experts train on
     code, out = run("eval", "--checkpoint", tmp_path / "run" / "model", "--data", tmp_path / "data" / "test.json",
-                    "--limit", "4", "--json", tmp_path / "scores.json")
+                    "--limit", "4", "--json", tmp_path / "scores.json", "--mistakes", "4")
     assert code == 0, out
     scores = json.loads((tmp_path / "scores.json").read_text())
     # The score is the exact-match rate of the model's own answers, recomputed here.
@@ -196,6 +196,7 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     hits = [normalize_answer(generate(model, tok, question_of(r), tmp_path / "data" / r["image"], max_new_tokens=16).text)
             == normalize_answer(answer_of(r)) for r in records]
     assert scores["n"] == 4 and scores["accuracy"] == sum(hits) / 4 and "exact match" in out
+    assert len(scores["mistakes"]) == 4 - sum(hits) and (f"wrong answers ({4 - sum(hits)} of" in out) == (sum(hits) < 4)
     image = json.loads((tmp_path / "data" / "test.json").read_text())[0]["image"]
     code, out = run("chat", "What shape is shown?", "--checkpoint", tmp_path / "run" / "model",
                     "--image", tmp_path / "data" / image, "--max-new-tokens", "3")

@@ -542,9 +542,10 @@ def evaluate(
     """Exact-match accuracy of ``predict(image_path, question) -> answer`` on a LLaVA json.
 
     Returns ``{"accuracy", "n", "per_domain", "per_aspect", "padded_tiles", "n_padded",
-    "colour_by_shapes"}``; ``padded_tiles`` is the accuracy over samples with aspect >= 2:1 or <= 1:2
+    "colour_by_shapes", "mistakes"}``; ``padded_tiles`` is the accuracy over samples with aspect >= 2:1 or <= 1:2
     (None if none); ``colour_by_shapes`` the colour questions' accuracy by the number of shapes drawn
-    (``{"1": ..., "2": ...}``, from records that keep their drawing; empty if none do).
+    (``{"1": ..., "2": ...}``, from records that keep their drawing; empty if none do); ``mistakes``
+    every wrong answer as ``{"image", "question", "expected", "answer"}``, in the file's order.
     """
     data_json = Path(data_json)
     records = json.loads(data_json.read_text(encoding="utf-8"))
@@ -556,11 +557,15 @@ def evaluate(
     per_aspect: dict[str, list[bool]] = defaultdict(list)
     padded: list[bool] = []
     by_shapes: dict[int, list[bool]] = defaultdict(list)
+    mistakes: list[dict[str, str]] = []
     for i, rec in enumerate(records):
         image_path = data_json.parent / rec["image"]
         pred = predict(image_path, question_of(rec))
         ok = normalize_answer(pred) == normalize_answer(answer_of(rec))
         hits.append(ok)
+        if not ok:
+            mistakes.append({"image": rec["image"], "question": question_of(rec), "expected": answer_of(rec),
+                             "answer": pred})
         per_domain[rec.get("domain", "unknown")].append(ok)
         aspect = _record_aspect(rec, image_path)
         per_aspect[aspect].append(ok)
@@ -581,4 +586,5 @@ def evaluate(
         "padded_tiles": _acc(padded) if padded else None,
         "n_padded": len(padded),
         "colour_by_shapes": {str(k): _acc(by_shapes[k]) for k in sorted(by_shapes)},
+        "mistakes": mistakes,
     }

@@ -327,7 +327,7 @@ def test_evaluate_oracle_scores_one(dataset):
         return truth[(str(image), question)].upper() + "."
 
     res = evaluate(oracle, path, progress=lambda i, n: calls.append((i, n)))
-    assert res["accuracy"] == 1.0 and res["n"] == N
+    assert res["accuracy"] == 1.0 and res["n"] == N and res["mistakes"] == []
     assert set(res["per_domain"]) == set(NANO1_DOMAINS) and all(v == 1.0 for v in res["per_domain"].values())
     assert set(res["per_aspect"]) == set(ASPECTS) and all(v == 1.0 for v in res["per_aspect"].values())
     assert res["padded_tiles"] == 1.0
@@ -348,6 +348,8 @@ def test_evaluate_constant_predictor_is_near_chance(dataset):
     red_share = sum(_answer(r) == "red" for r in colours) / len(colours)
     assert res["per_domain"]["colour"] == pytest.approx(red_share)
     assert res["per_domain"]["count"] == 0.0
+    assert res["mistakes"] == [{"image": r["image"], "question": _question(r), "expected": _answer(r), "answer": "red"}
+                               for r in records if _answer(r) != "red"]
 
 
 def test_question_alone_gives_only_chance(tmp_path):
