@@ -234,14 +234,16 @@ def micro_batches(mixture: Mixture, first: int, count: int, workers: int) -> Ite
         return (mixture.batch(first + k) for k in range(count))
     loader = torch.utils.data.DataLoader(_MicroBatches(mixture, first, count), batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, prefetch_factor=4, worker_init_fn=one_blas_thread)
-    return _worker_deaths_explained(iter(loader))
+    return iter(loader)
 
 
-def _worker_deaths_explained(batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+@contextmanager
+def _worker_deaths_explained() -> Iterator[None]:
     # A worker killed from outside (the kernel's OOM killer, a stray kill) surfaces as torch's
-    # RuntimeError, which the CLI would report as a bug; it is the user's to act on, and nothing is lost.
+    # RuntimeError, from the next batch or from its SIGCHLD handler wherever the main thread is; the CLI
+    # would report it as a bug, but it is the user's to act on, and nothing is lost.
     try:
-        yield from batches
+        yield
     except RuntimeError as e:
         if not str(e).startswith("DataLoader worker"):
             raise
@@ -373,6 +375,11 @@ def _one_process_quiet() -> Iterator[None]:
 
 def train(cfg: TrainConfig) -> list[float]:
     """Runs (or resumes) training; returns the loss of each step run."""
+    with _worker_deaths_explained():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> list[float]:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     from sphinx_edge.tokenizer import Tokenizer
