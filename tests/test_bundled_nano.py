@@ -2,6 +2,7 @@
 held-out synthetic questions and pictures its generator never drew well above what the answer
 priors alone give."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,13 +27,19 @@ def test_chat_answers_from_the_bundled_weights():
     assert out.split()[0].strip(".").lower() in ANSWERS["position"]
 
 
-def _accuracy(data: Path) -> dict:
+@functools.cache
+def _bundled():
     from sphinx_edge.checkpoints import load_model
-    from sphinx_edge.generate import generate
     from sphinx_edge.tokenizer import Tokenizer
+
+    return load_model(NANO, "nano"), Tokenizer(NANO / "tokenizer.model")
+
+
+def _accuracy(data: Path) -> dict:
+    from sphinx_edge.generate import generate
     from sphinx_edge.train.synthetic import evaluate
 
-    model, tok = load_model(NANO, "nano"), Tokenizer(NANO / "tokenizer.model")
+    model, tok = _bundled()  # loaded once for the three accuracy tests
     return evaluate(lambda image, q: generate(model, tok, q, image, max_new_tokens=8).text, data)
 
 

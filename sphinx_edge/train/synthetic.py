@@ -560,12 +560,12 @@ def evaluate(
     mistakes: list[dict[str, str]] = []
     for i, rec in enumerate(records):
         image_path = data_json.parent / rec["image"]
-        pred = predict(image_path, question_of(rec))
-        ok = normalize_answer(pred) == normalize_answer(answer_of(rec))
+        question, expected = question_of(rec), answer_of(rec)
+        pred = predict(image_path, question)
+        ok = normalize_answer(pred) == normalize_answer(expected)
         hits.append(ok)
         if not ok:
-            mistakes.append({"image": rec["image"], "question": question_of(rec), "expected": answer_of(rec),
-                             "answer": pred})
+            mistakes.append({"image": rec["image"], "question": question, "expected": expected, "answer": pred})
         per_domain[rec.get("domain", "unknown")].append(ok)
         aspect = _record_aspect(rec, image_path)
         per_aspect[aspect].append(ok)
