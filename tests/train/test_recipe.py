@@ -187,4 +187,8 @@ def test_a_killed_data_worker_is_reported_as_such_and_the_run_resumes(tmp_path, 
     with pytest.raises(UserError, match=r"DataLoader worker .* (killed|exited).*resumes from the last checkpoint"):
         train(cfg)
     monkeypatch.setattr(Mixture, "batch", batch)
-    assert len(train(cfg)) == 3  # resumed after step 3's checkpoint
+    # The worker prefetches, so it may die before or after step 3's checkpoint; the run resumes from it if so.
+    latest = Path(cfg.out_dir) / "checkpoints" / "latest"
+    saved = int(latest.read_text().strip().removeprefix("step_")) if latest.exists() else 0
+    assert saved in (0, 3) and len(train(cfg)) == 6 - saved
+    assert (Path(cfg.out_dir) / "model" / "model.safetensors").is_file()
