@@ -166,29 +166,3 @@ def test_an_unknown_loss_per_is_refused(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match="loss_per must be one of \\('token', 'conversation'\\), got 'image'"):
         TrainConfig.load(write_recipe(tmp_path, tokenizer_file), loss_per="image")
 
-
-def test_a_killed_data_worker_is_reported_as_such_and_the_run_resumes(tmp_path, tokenizer_file, monkeypatch):
-    import signal
-    import time
-
-    from sphinx_edge.errors import UserError
-    from sphinx_edge.train.data import Mixture
-
-    batch = Mixture.batch
-
-    def dies_at_the_fifth(self, index):  # the worker is forked, so it runs this too
-        if index == 4 and torch.utils.data.get_worker_info() is not None:
-            time.sleep(1)  # the earlier batches are through the pipe: a message cut short would hang torch
-            os.kill(os.getpid(), signal.SIGKILL)
-        return batch(self, index)
-
-    monkeypatch.setattr(Mixture, "batch", dies_at_the_fifth)
-    cfg = TrainConfig.load(write_recipe(tmp_path, tokenizer_file, steps=6, num_workers=1))
-    with pytest.raises(UserError, match=r"DataLoader worker .* (killed|exited).*resumes from the last checkpoint"):
-        train(cfg)
-    monkeypatch.setattr(Mixture, "batch", batch)
-    # The worker prefetches, so it may die before or after step 3's checkpoint; the run resumes from it if so.
-    latest = Path(cfg.out_dir) / "checkpoints" / "latest"
-    saved = int(latest.read_text().strip().removeprefix("step_")) if latest.exists() else 0
-    assert saved in (0, 3) and len(train(cfg)) == 6 - saved
-    assert (Path(cfg.out_dir) / "model" / "model.safetensors").is_file()
