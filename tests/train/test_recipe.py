@@ -166,3 +166,33 @@ def test_an_unknown_loss_per_is_refused(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match="loss_per must be one of \\('token', 'conversation'\\), got 'image'"):
         TrainConfig.load(write_recipe(tmp_path, tokenizer_file), loss_per="image")
 
+
+
+def test_a_data_worker_that_dies_is_reported_as_such_and_the_run_resumes(tmp_path, tokenizer_file, monkeypatch):
+    import time
+
+    from sphinx_edge.errors import UserError
+    from sphinx_edge.train.data import Mixture
+
+    batch = Mixture.batch
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+
+    def dies_at_the_fifth(self, index):  # the worker is forked, so it runs this too
+        if index == 4 and torch.utils.data.get_worker_info() is not None:
+            # Die between batches, once step 3's checkpoint is saved: what the run resumes from is then
+            # certain, and no batch is cut short in the pipe (a half-written one would hang torch's reader).
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (latest.exists() and latest.read_text().strip() == "step_0000003"):
+                time.sleep(0.05)
+            os._exit(3)
+        return batch(self, index)
+
+    monkeypatch.setattr(Mixture, "batch", dies_at_the_fifth)
+    cfg = TrainConfig.load(write_recipe(tmp_path, tokenizer_file, steps=6, num_workers=1))
+    with pytest.raises(UserError, match=r"DataLoader worker .*exited unexpectedly.*out of memory\?\); the same "
+                                        r"command resumes from the last checkpoint"):
+        train(cfg)
+    monkeypatch.setattr(Mixture, "batch", batch)
+    assert latest.read_text().strip() == "step_0000003"
+    assert len(train(cfg)) == 3  # steps 4-6
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
