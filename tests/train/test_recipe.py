@@ -167,7 +167,6 @@ def test_an_unknown_loss_per_is_refused(tmp_path, tokenizer_file):
         TrainConfig.load(write_recipe(tmp_path, tokenizer_file), loss_per="image")
 
 
-
 def test_a_data_worker_that_dies_is_reported_as_such_and_the_run_resumes(tmp_path, tokenizer_file, monkeypatch):
     import time
 
@@ -177,12 +176,15 @@ def test_a_data_worker_that_dies_is_reported_as_such_and_the_run_resumes(tmp_pat
     batch = Mixture.batch
     latest = tmp_path / "run" / "checkpoints" / "latest"
 
+    def saved_step() -> str | None:
+        return latest.read_text().strip() if latest.exists() else None
+
     def dies_at_the_fifth(self, index):  # the worker is forked, so it runs this too
         if index == 4 and torch.utils.data.get_worker_info() is not None:
             # Die between batches, once step 3's checkpoint is saved: what the run resumes from is then
             # certain, and no batch is cut short in the pipe (a half-written one would hang torch's reader).
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not (latest.exists() and latest.read_text().strip() == "step_0000003"):
+            deadline = time.monotonic() + 120  # a regression fails the test rather than hanging it
+            while saved_step() != "step_0000003" and time.monotonic() < deadline:
                 time.sleep(0.05)
             os._exit(3)
         return batch(self, index)
@@ -193,6 +195,6 @@ def test_a_data_worker_that_dies_is_reported_as_such_and_the_run_resumes(tmp_pat
                                         r"command resumes from the last checkpoint"):
         train(cfg)
     monkeypatch.setattr(Mixture, "batch", batch)
-    assert latest.read_text().strip() == "step_0000003"
+    assert saved_step() == "step_0000003"
     assert len(train(cfg)) == 3  # steps 4-6
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
