@@ -429,6 +429,38 @@ def warmup_encoders_cmd(
         fail(str(e))
 
 
+@app.command("warmup-reading")
+def warmup_reading_cmd(
+    out: Annotated[Path, typer.Option(help="Model directory to write (start the recipe from it with init=...).")],
+    init: Annotated[Optional[Path], typer.Option(help="Model directory whose experts learn to read (and whose "
+                                                 "LLM and projector are kept); default: fresh weights.")] = None,
+    size: Annotated[str, typer.Option(help="Model size whose experts are warmed up.")] = "nano",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1200,
+    canvases: Annotated[int, typer.Option(min=1, help="Text canvases per step (each gives every view).")] = 24,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the canvases, the head and fresh weights.")] = 0,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to copy into the model directory.")] = None,
+) -> None:
+    """Teach the two visual experts to read: on generated canvases of text, cut into the views the LLM
+    gets, each token names the characters under it (sphinx_edge/train/reading_warmup.py)."""
+    from sphinx_edge.train.reading_warmup import main as warmup
+
+    if tokenizer is not None and not tokenizer.is_file():
+        fail(f"tokenizer {tokenizer} does not exist")
+    if init is not None:
+        from sphinx_edge.checkpoints import CheckpointError, checkpoint_config
+
+        try:
+            checkpoint_config(init, size)
+        except CheckpointError as e:
+            fail(f"--init {init} is not a model directory of size {size}: {e}")
+    try:
+        warmup(str(out), init=str(init) if init else None, size=size, steps=steps, canvases=canvases, lr=lr,
+               seed=seed, tokenizer=str(tokenizer) if tokenizer else None)
+    except ValueError as e:  # an unknown size
+        fail(str(e))
+
+
 @app.command("export")
 def export_cmd(
     out: Annotated[Path, typer.Option(help="Output directory (created; refused if it holds another export).")],

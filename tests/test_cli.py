@@ -24,7 +24,7 @@ def test_every_command_has_help():
     code, out = run("--help")
     assert code == 0
     commands = ["info", "tiles", "chat", "train", "eval", "data", "convert", "assemble", "demo", "export", "run",
-                "bench", "profile", "request", "web", "warmup-encoders"]
+                "bench", "profile", "request", "web", "warmup-encoders", "warmup-reading"]
     assert all(c in out for c in commands)
     helps = {}
     for command in commands:
@@ -164,6 +164,10 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     code, out = run("warmup-encoders", tmp_path / "data" / "train.json", "--out", tmp_path / "warm2",
                     "--init", tmp_path / "data")
     assert code == 2 and "not a model directory" in out and not (tmp_path / "warm2").exists()
+    code, out = run("warmup-reading", "--out", tmp_path / "read", "--init", tmp_path / "data")
+    assert code == 2 and "not a model directory" in out and not (tmp_path / "read").exists()
+    code, out = run("warmup-reading", "--out", tmp_path / "read", "--tokenizer", tmp_path / "missing.model")
+    assert code == 2 and "missing.model" in out and not (tmp_path / "read").exists()
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'size = "nano"\nout_dir = "{tmp_path / "run"}"\ntokenizer = "{tmp_path / "tok.model"}"\n'

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -246,6 +246,37 @@ def _row_batches(data: WarmupData, batch_size: int, per: str, gen: torch.Generat
         pos += batch_size
 
 
+def train_experts(model: SphinxModel, head: nn.Module, batches: Iterator, step_loss: Callable, *, steps: int,
+                  lr: float, warmup_steps: int, weight_decay: float = 0.05, log: Callable[[str], None] = print,
+                  log_every: int = 50, measure: str = "accuracy") -> list[dict]:
+    """The warm-ups' loop: AdamW over model.convnext, model.dinov2 and `head`, warm-up + cosine schedule;
+    `step_loss(batch)` -> (loss, accuracy on the batch) for each of `steps` batches. Returns the log rows
+    ({"step", "loss", "accuracy"}, means since the last row); the experts are left in eval mode."""
+    encoders = nn.ModuleList([model.convnext, model.dinov2]).train()
+    params = [*encoders.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, min_ratio=0.05))
+    rows, t0, window = [], time.perf_counter(), []
+    for step, batch in zip(range(steps), batches):
+        loss, accuracy = step_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        window.append((loss.item(), float(accuracy)))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            loss_m, acc_m = np.mean(window, axis=0)
+            rows.append({"step": step + 1, "loss": float(loss_m), "accuracy": float(acc_m)})
+            elapsed = time.perf_counter() - t0
+            log(f"step {step + 1}/{steps}  loss {loss_m:.3f}  {measure} {acc_m:.1%}  "
+                f"{elapsed / (step + 1):.2f} s/step  eta {elapsed / (step + 1) * (steps - step - 1) / 60:.1f} min")
+            window = []
+    encoders.eval()
+    return rows
+
+
 def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_size: int = 128, lr: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.05, seed: int = 0, log=print,
                     log_every: int = 50, sample_per: str = "question") -> tuple[AnswerHead, list[dict]]:
@@ -253,37 +284,18 @@ def warmup_encoders(model: SphinxModel, data: WarmupData, *, steps: int, batch_s
     log rows ({"step", "loss", "accuracy"}: accuracy = every slot of the answer right, on the batch).
     `sample_per`: see `WarmupData.row_weights`."""
     torch.manual_seed(seed)
-    cfg = model.config
-    head = AnswerHead(cfg.vision_dim, len(data.questions), len(data.pieces))
-    encoders = nn.ModuleList([model.convnext, model.dinov2]).train()
-    params = [*encoders.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    head = AnswerHead(model.config.vision_dim, len(data.questions), len(data.pieces))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, min_ratio=0.05))
-    batches = _row_batches(data, batch_size, sample_per, torch.Generator().manual_seed(seed))
-    rows, t0, window = [], time.perf_counter(), []
-    for step in range(steps):
-        cv, dv, counts, questions, targets = data.batch(next(batches))
+    def step_loss(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        cv, dv, counts, questions, targets = data.batch(rows)
         features, mask = read_views(model, cv, dv, counts)
         logits = head(features, questions, mask)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        window.append((loss.item(), (logits.argmax(-1) == targets).all(-1).float().mean().item()))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            loss_m, acc_m = np.mean(window, axis=0)
-            row = {"step": step + 1, "loss": float(loss_m), "accuracy": float(acc_m)}
-            rows.append(row)
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / (step + 1) * (steps - step - 1)
-            log(f"step {step + 1}/{steps}  loss {loss_m:.3f}  answer accuracy {acc_m:.1%}  "
-                f"{(step + 1) * batch_size / elapsed:.0f} questions/s  eta {eta / 60:.1f} min")
-            window = []
-    encoders.eval()
+        return loss, (logits.argmax(-1) == targets).all(-1).float().mean().item()
+
+    batches = _row_batches(data, batch_size, sample_per, torch.Generator().manual_seed(seed))
+    rows = train_experts(model, head, batches, step_loss, steps=steps, lr=lr, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, log=log, log_every=log_every, measure="answer accuracy")
     return head.eval(), rows
 
 
