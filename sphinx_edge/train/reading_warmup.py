@@ -184,10 +184,12 @@ def _patches(model: SphinxModel, convnext: torch.Tensor, dinov2: torch.Tensor) -
 
 
 def reading_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the sub-cells with a character plus half that over the empty ones (most are empty)."""
+    """Cross-entropy over the sub-cells with a character plus half that over the empty ones (most are empty);
+    a batch without one kind (tiny test canvases) leaves that term at zero, not NaN."""
     flat = targets.flatten()
     per = F.cross_entropy(logits.flatten(0, -2), flat.clamp(min=0), reduction="none")
-    return per[flat > 0].mean() + 0.5 * per[flat == 0].mean()
+    written, empty = flat > 0, flat == 0
+    return per[written].sum() / written.sum().clamp(min=1) + 0.5 * per[empty].sum() / empty.sum().clamp(min=1)
 
 
 def warmup_reading(model: SphinxModel, *, steps: int, canvases: int = 24, lr: float = 1e-3, seed: int = 0,
@@ -203,7 +205,8 @@ def warmup_reading(model: SphinxModel, *, steps: int, canvases: int = 24, lr: fl
         convnext, dinov2, targets = batch
         logits = head(_patches(model, convnext, dinov2))
         written = targets > 0
-        return reading_loss(logits, targets), (logits.argmax(-1)[written] == targets[written]).float().mean().item()
+        right = (logits.argmax(-1)[written] == targets[written]).sum().item()
+        return reading_loss(logits, targets), right / max(1, int(written.sum()))
 
     # One process draws canvases while the trainer's threads run the experts.
     batches = torch.utils.data.DataLoader(TextBatches(config, seed, canvases), batch_size=None, num_workers=1)

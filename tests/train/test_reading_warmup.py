@@ -90,6 +90,8 @@ def test_the_loss_weighs_characters_and_leaves_out_ignored_cells():
     assert abs(reading_loss(logits, targets).item() - 1.5 * uniform) < 1e-5
     logits[0, 1, 0] = 100.0  # the ignored cell: any logits, same loss
     assert abs(reading_loss(logits, targets).item() - 1.5 * uniform) < 1e-5
+    nothing_written = torch.tensor([[[0, 0], [IGNORE, 0]]])  # no character in the batch: a finite loss
+    assert abs(reading_loss(logits, nothing_written).item() - 0.5 * uniform) < 1e-5
 
 
 def test_a_short_warmup_learns_and_trains_only_the_experts():
