@@ -383,6 +383,20 @@ def train(
     run(cfg)
 
 
+def _check_warmup_start(tokenizer: Path | None, init: Path | None, size: str) -> None:
+    """The warm-ups' --tokenizer and --init, checked before minutes of work: a file, and a readable
+    checkpoint of --size."""
+    if tokenizer is not None and not tokenizer.is_file():
+        fail(f"tokenizer {tokenizer} does not exist")
+    if init is not None:
+        from sphinx_edge.checkpoints import CheckpointError, checkpoint_config
+
+        try:
+            checkpoint_config(init, size)
+        except CheckpointError as e:
+            fail(f"--init {init} is not a model directory of size {size}: {e}")
+
+
 @app.command("warmup-encoders")
 def warmup_encoders_cmd(
     data: Annotated[list[Path], typer.Argument(help="LLaVA conversation JSON files with short answers.")],
@@ -411,15 +425,7 @@ def warmup_encoders_cmd(
     for path in [*data, *([eval_data] if eval_data else [])]:
         if not path.is_file():
             fail(f"{path} does not exist")
-    if tokenizer is not None and not tokenizer.is_file():
-        fail(f"tokenizer {tokenizer} does not exist")
-    if init is not None:  # checked before minutes of loading views: a readable checkpoint of --size
-        from sphinx_edge.checkpoints import CheckpointError, checkpoint_config
-
-        try:
-            checkpoint_config(init, size)
-        except CheckpointError as e:
-            fail(f"--init {init} is not a model directory of size {size}: {e}")
+    _check_warmup_start(tokenizer, init, size)
     try:
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
@@ -445,15 +451,7 @@ def warmup_reading_cmd(
     gets, each token names the characters under it (sphinx_edge/train/reading_warmup.py)."""
     from sphinx_edge.train.reading_warmup import main as warmup
 
-    if tokenizer is not None and not tokenizer.is_file():
-        fail(f"tokenizer {tokenizer} does not exist")
-    if init is not None:
-        from sphinx_edge.checkpoints import CheckpointError, checkpoint_config
-
-        try:
-            checkpoint_config(init, size)
-        except CheckpointError as e:
-            fail(f"--init {init} is not a model directory of size {size}: {e}")
+    _check_warmup_start(tokenizer, init, size)
     try:
         warmup(str(out), init=str(init) if init else None, size=size, steps=steps, canvases=canvases, lr=lr,
                seed=seed, tokenizer=str(tokenizer) if tokenizer else None)
