@@ -442,14 +442,13 @@ def warmup_reading_cmd(
                                                  "LLM and projector are kept); default: fresh weights.")] = None,
     size: Annotated[str, typer.Option(help="Model size whose experts are warmed up.")] = "nano",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1200,
-    canvases: Annotated[int, typer.Option(min=1, help="Canvases per step (each gives every view).")] = 24,
+    canvases: Annotated[int, typer.Option(min=1, help="Text canvases per step (each gives every view).")] = 24,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the canvases, the head and fresh weights.")] = 0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer to copy into the model directory.")] = None,
 ) -> None:
-    """Teach the two visual experts to read and to bind shape to colour: on generated canvases of text and
-    shapes, cut into the views the LLM gets, each token names the characters, shapes and shape colours
-    under it (sphinx_edge/train/reading_warmup.py)."""
+    """Teach the two visual experts to read: on generated canvases of text, cut into the views the LLM
+    gets, each token names the characters under it (sphinx_edge/train/reading_warmup.py)."""
     from sphinx_edge.train.reading_warmup import main as warmup
 
     _check_warmup_start(tokenizer, init, size)

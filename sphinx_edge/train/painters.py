@@ -118,20 +118,6 @@ def shape_polygons(kind: str, cx: float, cy: float, r: float, square: float = 0.
     return polys
 
 
-def draw_varied_shape(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, cx: float, cy: float, r: float,
-                      rgb) -> None:
-    """The varied look's shape: turned a little (not a circle), proportions drawn at random, a quarter
-    of them outlined (a darker shade or near black)."""
-    turn = 0.0 if kind == "circle" else math.radians(rng.uniform(-12, 12))
-    outline = None
-    if rng.random() < 0.25:
-        outline = tuple(int(v * 0.5) for v in rgb) if rng.random() < 0.7 else (20, 20, 20)
-    polys = shape_polygons(kind, cx, cy, r, square=rng.uniform(0.74, 0.9), arm=rng.uniform(0.28, 0.4), turn=turn)
-    width = max(1, round(r * rng.uniform(0.05, 0.1))) if outline else 0
-    for poly in polys:
-        draw.polygon(poly, fill=rgb, outline=outline, width=width)
-
-
 # --------------------------------------------------------------------------- plain (Nano 1)
 
 
@@ -348,8 +334,16 @@ class VariedPainter:
             r *= 0.9
 
     def shape(self, kind: str, cx: float, cy: float, r: float, rgb, name: str) -> None:
-        s = self.scale
-        draw_varied_shape(self.draw, self.rng, kind, cx * s, cy * s, r * s, rgb)
+        rng, s = self.rng, self.scale
+        turn = 0.0 if kind == "circle" else math.radians(rng.uniform(-12, 12))
+        outline = None
+        if rng.random() < 0.25:
+            outline = tuple(int(v * 0.5) for v in rgb) if rng.random() < 0.7 else (20, 20, 20)
+        polys = shape_polygons(kind, cx * s, cy * s, r * s, square=rng.uniform(0.74, 0.9),
+                              arm=rng.uniform(0.28, 0.4), turn=turn)
+        width = max(1, round(r * s * rng.uniform(0.05, 0.1))) if outline else 0
+        for poly in polys:
+            self.draw.polygon(poly, fill=rgb, outline=outline, width=width)
         self.record.append({"shape": kind, "colour": name, "centre": [round(cx, 1), round(cy, 1)], "radius": round(r, 1)})
 
     def _font(self, height: float, bold: bool = False) -> tuple[ImageFont.FreeTypeFont, str]:

@@ -1,17 +1,15 @@
-"""A reading warm-up for a model's two visual experts: every token is told which characters and shapes lie under it.
+"""A reading warm-up for a model's two visual experts: every token is told which characters lie under it.
 
 Nano's experts learn colour and shape from answers but not to read: after the question-answer warm-up
 (encoder_warmup.py) and the LLM's own loss, words, chart labels and table cells stay at 1-18 %
 (benchmarks/RESULTS.md) although the tiles show the text legibly. Those signals are one short answer
 per image. Here the signal is dense: canvases of text (words, letters, numbers, column names in the
-varied look's fonts, sizes and backgrounds; painters.py) and of the varied look's shapes in its six
-colours, with rules as distractors, are cut into the views the LLM gets (layout.preprocess: the global
-view and the tiles), each token's square is split 2 x 2, and a small head on each token alone names
-what has its centre in each sub-cell: a character (a-z, 0-9, case folded), a shape and its colour, or
-nothing. Naming a shape and its colour in the same token binds the two where the LLM reads them (colour
-by shape with two or three shapes was near chance). A sub-cell with two centres, or with something too
-small to make out at that view's scale, is left out of the loss. The head is thrown away; the experts
-go into a model directory that the one-stage recipe starts from (`init = ...`).
+varied look's fonts, sizes and backgrounds, with shapes and rules as distractors; painters.py) are cut
+into the views the LLM gets (layout.preprocess: the global view and the tiles), each token's square
+is split 2 x 2, and a small head on each token alone names the character whose centre lies in each
+sub-cell (a-z, 0-9, case folded) or none. A sub-cell with two centres, or with a glyph too small to
+read at that view's scale, is left out of the loss. The head is thrown away; the experts go into a
+model directory that the one-stage recipe starts from (`init = ...`).
 """
 
 from __future__ import annotations
@@ -33,31 +31,24 @@ from sphinx_edge.config import SphinxConfig
 from sphinx_edge.layout import preprocess
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.train.encoder_warmup import train_experts
-from sphinx_edge.train.painters import (COLOURS, SHAPES, VARIED_FONTS, VARIED_TINT, _face, _jitter,
-                                        _varied_background, draw_varied_shape)
+from sphinx_edge.train.painters import COLOURS, SHAPES, VARIED_FONTS, _face, _varied_background, draw_shape
 from sphinx_edge.train.synthetic import TABLE_COLUMNS, WORDS
 
-CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"  # class k + 1; 0 is "nothing here"
-SHAPE_CLASS = 1 + len(CHARACTERS)  # SHAPES[k] is class SHAPE_CLASS + k
-CLASSES = SHAPE_CLASS + len(SHAPES)
-COLOUR_NAMES = tuple(COLOURS)  # a shape's colour target: its index here
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"  # class k + 1; 0 is "no character here"
 IGNORE = -100
 SUB = 2  # sub-cells per token side
 TEXT_HEIGHT = (7 / 256, 80 / 256)  # of the canvas side, log-uniform
-SHAPE_RADIUS = (5 / 256, 40 / 256)  # of the canvas side, log-uniform
-MIN_READABLE = (6.0, 2.5)  # something under this height / width in a view's pixels has no target there
+MIN_READABLE = (6.0, 2.5)  # a glyph under this height / width in a view's pixels has no target there
 
 
-class Item(NamedTuple):
-    """Something drawn whose centre a sub-cell names: a character or a shape; its centre on the canvas,
-    class, size in pixels, and colour (a shape's index in COLOUR_NAMES; IGNORE for a character)."""
+class Glyph(NamedTuple):
+    """A drawn character: its centre on the canvas, class (1 + index in CHARACTERS) and size in pixels."""
 
     x: float
     y: float
     label: int
     width: float
     height: float
-    colour: int = IGNORE
 
 
 def canvas_side(config: SphinxConfig) -> int:
@@ -78,32 +69,21 @@ def _text(rng: random.Random) -> str:
     return rng.choice((s, s, s.title(), s.upper()))
 
 
-def _overlaps(box: tuple[float, float, float, float], boxes: list[tuple[float, float, float, float]]) -> bool:
-    return any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in boxes)
-
-
-def draw_text_canvas(rng: random.Random, side: int) -> tuple[Image.Image, list[Item]]:
-    """A side x side picture of 0-5 shapes and 1-7 strings, none overlapping another (sometimes with rules
-    across), and the items whose centres the sub-cells name."""
+def draw_text_canvas(rng: random.Random, side: int) -> tuple[Image.Image, list[Glyph]]:
+    """A side x side picture of 1-7 non-overlapping strings (sometimes among shapes and rules), and its glyphs."""
     img, _ = _varied_background(rng, side, side)
     draw = ImageDraw.Draw(img)
     k = side / 256  # the sizes below are for Nano's 256 px canvas
-    items: list[Item] = []
+    if rng.random() < 0.4:
+        for _ in range(rng.randint(1, 4)):
+            cx, cy, r = rng.uniform(0, side), rng.uniform(0, side), rng.uniform(6, 40) * k
+            draw_shape(draw, rng.choice(SHAPES), cx, cy, r, COLOURS[rng.choice(list(COLOURS))])
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 3)):
+                y = rng.uniform(0, side)
+                draw.line([(rng.uniform(0, 60 * k), y), (rng.uniform(190 * k, side), y)], fill=(90, 90, 90), width=1)
+    glyphs: list[Glyph] = []
     boxes: list[tuple[float, float, float, float]] = []
-    for _ in range(rng.randint(1, 5) if rng.random() < 0.6 else 0):
-        r = math.exp(rng.uniform(*(math.log(v * side) for v in SHAPE_RADIUS)))
-        cx, cy = rng.uniform(r + 1, side - r - 1), rng.uniform(r + 1, side - r - 1)
-        box = (cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2)
-        if _overlaps(box, boxes):
-            continue
-        boxes.append(box)
-        kind, colour = rng.randrange(len(SHAPES)), rng.randrange(len(COLOUR_NAMES))
-        draw_varied_shape(draw, rng, SHAPES[kind], cx, cy, r, _jitter(rng, COLOURS[COLOUR_NAMES[colour]], VARIED_TINT))
-        items.append(Item(cx, cy, SHAPE_CLASS + kind, 2 * r, 2 * r, colour))
-    if rng.random() < 0.2:
-        for _ in range(rng.randint(1, 3)):
-            y = rng.uniform(0, side)
-            draw.line([(rng.uniform(0, 60 * k), y), (rng.uniform(190 * k, side), y)], fill=(90, 90, 90), width=1)
     for _ in range(rng.randint(1, 7)):
         text = _text(rng)
         height = math.exp(rng.uniform(*(math.log(h * side) for h in TEXT_HEIGHT)))
@@ -113,30 +93,29 @@ def draw_text_canvas(rng: random.Random, side: int) -> tuple[Image.Image, list[I
             continue
         x, y = rng.uniform(-left + 2, side - right - 2), rng.uniform(-top + 2, side - bottom - 2)
         box = (x + left - 2, y + top - 2, x + right + 2, y + bottom + 2)
-        if _overlaps(box, boxes):
+        if any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in boxes):
             continue
         boxes.append(box)
         if rng.random() < 0.6:
             ink = tuple(rng.randint(0, 70) for _ in range(3))
         else:
-            ink = tuple(max(0, v - rng.randint(0, 60)) for v in COLOURS[rng.choice(COLOUR_NAMES)])
+            ink = tuple(max(0, v - rng.randint(0, 60)) for v in COLOURS[rng.choice(list(COLOURS))])
         draw.text((x, y), text, font=font, fill=ink)
         centre_y = y + (top + bottom) / 2
         for i, ch in enumerate(text):
             if ch != " ":
                 a, b = font.getlength(text[:i]), font.getlength(text[:i + 1])
-                items.append(Item(x + (a + b) / 2, centre_y, CHARACTERS.index(ch.lower()) + 1, b - a, bottom - top))
+                glyphs.append(Glyph(x + (a + b) / 2, centre_y, CHARACTERS.index(ch.lower()) + 1, b - a, bottom - top))
     if rng.random() < 0.25:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=rng.randint(40, 90))
         img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return img, items
+    return img, glyphs
 
 
-def sub_cell_targets(items: list[Item], view: int, side: int, config: SphinxConfig) -> np.ndarray:
-    """[2, n, n] targets of one view's sub-cells (n = SUB x tokens per side): the class, and the colour of a
-    shape (IGNORE elsewhere). View 0 is the global view (the canvas scaled to a tile), view 1 + i the i-th
-    tile, row-major."""
+def sub_cell_targets(glyphs: list[Glyph], view: int, side: int, config: SphinxConfig) -> np.ndarray:
+    """[n, n] classes of one view's sub-cells (n = SUB x tokens per side): view 0 is the global view (the
+    canvas scaled to a tile), view 1 + i the i-th tile, row-major."""
     tile = config.convnext.image_size
     n = SUB * math.isqrt(config.convnext.n_patches)
     cell = tile / n
@@ -146,30 +125,28 @@ def sub_cell_targets(items: list[Item], view: int, side: int, config: SphinxConf
         per_row = side // tile
         scale, ox, oy = 1.0, (view - 1) % per_row * tile, (view - 1) // per_row * tile
     labels = np.zeros((n, n), np.int64)
-    colours = np.full((n, n), IGNORE, np.int64)
     hits = np.zeros((n, n), np.int64)
-    for item in items:
-        vx, vy = (item.x - ox) * scale, (item.y - oy) * scale
+    for g in glyphs:
+        vx, vy = (g.x - ox) * scale, (g.y - oy) * scale
         if not (0 <= vx < tile and 0 <= vy < tile):
             continue
         cx, cy = int(vx // cell), int(vy // cell)
         hits[cy, cx] += 1
-        labels[cy, cx], colours[cy, cx] = item.label, item.colour
-        if item.height * scale < MIN_READABLE[0] * tile / 128 or item.width * scale < MIN_READABLE[1] * tile / 128:
+        labels[cy, cx] = g.label
+        if g.height * scale < MIN_READABLE[0] * tile / 128 or g.width * scale < MIN_READABLE[1] * tile / 128:
             hits[cy, cx] += 2
     labels[hits > 1] = IGNORE
-    colours[hits > 1] = IGNORE
-    return np.stack([labels, colours])
+    return labels
 
 
 def text_sample(rng: random.Random, config: SphinxConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ConvNeXt views, DINOv2 views, [views, 2, n, n] targets) of one canvas, as the model sees it."""
+    """(ConvNeXt views, DINOv2 views, [views, n, n] targets) of one text canvas, as the model sees it."""
     side = canvas_side(config)
-    img, items = draw_text_canvas(rng, side)
+    img, glyphs = draw_text_canvas(rng, side)
     plan, cv, dv = preprocess(img, layout=config.layout, grid=config.grid, tile_size=config.convnext.image_size,
                               dino_size=config.dinov2.image_size)
     assert plan.view_tiles == tuple(range(config.grid ** 2)), "a square canvas encodes every tile"
-    return cv, dv, np.stack([sub_cell_targets(items, v, side, config) for v in range(len(cv))])
+    return cv, dv, np.stack([sub_cell_targets(glyphs, v, side, config) for v in range(len(cv))])
 
 
 class TextBatches(torch.utils.data.IterableDataset):
@@ -186,18 +163,17 @@ class TextBatches(torch.utils.data.IterableDataset):
 
 
 class ReadingHead(nn.Module):
-    """Each patch token alone -> the class and colour logits of its SUB x SUB sub-cells. Reading one token
-    at a time puts what is drawn under a token into that token's features: what the LLM reads."""
+    """Each patch token alone -> the classes of its SUB x SUB sub-cells. Reading one token at a time
+    puts what is written under a token into that token's features: what the LLM reads."""
 
     def __init__(self, vision_dim: int, tokens_per_side: int, width: int = 256) -> None:
         super().__init__()
         self.side = tokens_per_side
         self.net = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, width), nn.GELU(),
-                                 nn.Linear(width, SUB * SUB * (CLASSES + len(COLOUR_NAMES))))
+                                 nn.Linear(width, SUB * SUB * (len(CHARACTERS) + 1)))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """[N, side x side, vision_dim] row-major patch tokens -> [N, SUB x side, SUB x side, CLASSES + colours]
-        logits (the classes first)."""
+        """[N, side x side, vision_dim] row-major patch tokens -> [N, SUB x side, SUB x side, classes] logits."""
         n, s = patches.shape[0], self.side
         x = self.net(patches).view(n, s, s, SUB, SUB, -1)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(n, s * SUB, s * SUB, -1)
@@ -208,19 +184,12 @@ def _patches(model: SphinxModel, convnext: torch.Tensor, dinov2: torch.Tensor) -
 
 
 def reading_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the sub-cells with something in them, plus half that over the empty ones (most
-    are), plus that of the shapes' colours; a batch without one kind (tiny test canvases) leaves that term
-    at zero, not NaN. `targets`: [..., 2, n, n] (sub_cell_targets)."""
-    labels, colours = targets.select(-3, 0).flatten(), targets.select(-3, 1).flatten()
-    per = F.cross_entropy(logits[..., :CLASSES].flatten(0, -2), labels.clamp(min=0), reduction="none")
-    drawn, empty, coloured = labels > 0, labels == 0, colours >= 0
-    colour = F.cross_entropy(logits[..., CLASSES:].flatten(0, -2)[coloured], colours[coloured], reduction="sum")
-    return (per[drawn].sum() / drawn.sum().clamp(min=1) + 0.5 * per[empty].sum() / empty.sum().clamp(min=1)
-            + colour / coloured.sum().clamp(min=1))
-
-
-def _characters(labels: torch.Tensor) -> torch.Tensor:
-    return (labels > 0) & (labels < SHAPE_CLASS)
+    """Cross-entropy over the sub-cells with a character plus half that over the empty ones (most are empty);
+    a batch without one kind (tiny test canvases) leaves that term at zero, not NaN."""
+    flat = targets.flatten()
+    per = F.cross_entropy(logits.flatten(0, -2), flat.clamp(min=0), reduction="none")
+    written, empty = flat > 0, flat == 0
+    return per[written].sum() / written.sum().clamp(min=1) + 0.5 * per[empty].sum() / empty.sum().clamp(min=1)
 
 
 def warmup_reading(model: SphinxModel, *, steps: int, canvases: int = 24, lr: float = 1e-3, seed: int = 0,
@@ -235,9 +204,8 @@ def warmup_reading(model: SphinxModel, *, steps: int, canvases: int = 24, lr: fl
     def step_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
         convnext, dinov2, targets = batch
         logits = head(_patches(model, convnext, dinov2))
-        labels = targets[:, 0]
-        written = _characters(labels)
-        right = (logits[..., :CLASSES].argmax(-1)[written] == labels[written]).sum().item()
+        written = targets > 0
+        right = (logits.argmax(-1)[written] == targets[written]).sum().item()
         return reading_loss(logits, targets), right / max(1, int(written.sum()))
 
     # One process draws canvases while the trainer's threads run the experts.
@@ -249,24 +217,19 @@ def warmup_reading(model: SphinxModel, *, steps: int, canvases: int = 24, lr: fl
 
 @torch.no_grad()
 def reading_accuracy(model: SphinxModel, head: ReadingHead, *, canvases: int = 400, seed: int = 12345) -> dict:
-    """On fresh canvases: sub-cells with a character named right, for the global view and for the tiles;
-    sub-cells with a shape whose shape, and whose colour, is named right (all views)."""
+    """Sub-cells with a character named right on fresh canvases, for the global view and for the tiles."""
     rng = random.Random(seed)
-    hits = {"global": [0, 0], "tiles": [0, 0], "shapes": [0, 0], "colours": [0, 0]}
+    hits = {"global": [0, 0], "tiles": [0, 0]}
     views = 1 + model.config.grid ** 2
     for start in range(0, canvases, 20):
         parts = zip(*[text_sample(rng, model.config) for _ in range(min(20, canvases - start))])
         convnext, dinov2, targets = (torch.from_numpy(np.concatenate(p)) for p in parts)
-        logits = head(_patches(model, convnext, dinov2))
-        predicted, colour = logits[..., :CLASSES].argmax(-1), logits[..., CLASSES:].argmax(-1)
+        predicted = head(_patches(model, convnext, dinov2)).argmax(-1)
         for i in range(len(targets)):
-            labels, colours = targets[i]
-            for kind, where, right in (
-                    ("global" if i % views == 0 else "tiles", _characters(labels), predicted[i] == labels),
-                    ("shapes", labels >= SHAPE_CLASS, predicted[i] == labels),
-                    ("colours", colours >= 0, colour[i] == colours)):
-                hits[kind][0] += int(right[where].sum())
-                hits[kind][1] += int(where.sum())
+            written = targets[i] > 0
+            kind = hits["global" if i % views == 0 else "tiles"]
+            kind[0] += int((predicted[i][written] == targets[i][written]).sum())
+            kind[1] += int(written.sum())
     return {k: right / max(1, total) for k, (right, total) in hits.items()}
 
 
@@ -286,8 +249,8 @@ def main(out: str, *, init: str | None, size: str = "nano", steps: int = 1200, c
     head, _ = warmup_reading(model, steps=steps, canvases=canvases, lr=lr, seed=seed,
                              log=lambda s: print(s, flush=True))
     accuracy = reading_accuracy(model, head, canvases=eval_canvases)
-    print(f"on fresh canvases: characters read {accuracy['global']:.1%} (global view), {accuracy['tiles']:.1%} (tiles); "
-          f"shapes named {accuracy['shapes']:.1%}, their colours {accuracy['colours']:.1%}", flush=True)
+    print(f"characters read on fresh canvases: global view {accuracy['global']:.1%}, tiles {accuracy['tiles']:.1%}",
+          flush=True)
     path = save_native(model, out, tokenizer=tokenizer)
     print(f"saved {path}", flush=True)
     return path, accuracy

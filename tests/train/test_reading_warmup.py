@@ -1,4 +1,4 @@
-"""The experts' reading warm-up: canvases and their targets, the per-token head, a short run, what it saves."""
+"""The experts' reading warm-up: text canvases and their targets, the per-token head, a short run, what it saves."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from sphinx_edge.checkpoints import load_model
 from sphinx_edge.checkpoints.native import save_native
 from sphinx_edge.config import get_config
 from sphinx_edge.model.sphinx import build_model
-from sphinx_edge.train.painters import COLOURS, SHAPES
-from sphinx_edge.train.reading_warmup import (CHARACTERS, CLASSES, COLOUR_NAMES, IGNORE, SHAPE_CLASS, SUB, Item,
-                                              ReadingHead, canvas_side, draw_text_canvas, main, reading_loss,
-                                              sub_cell_targets, text_sample, warmup_reading)
+from sphinx_edge.train.reading_warmup import (CHARACTERS, IGNORE, SUB, Glyph, ReadingHead, canvas_side,
+                                              draw_text_canvas, main, reading_loss, sub_cell_targets, text_sample,
+                                              warmup_reading)
 
 
 def test_canvases_are_the_same_for_a_seed():
@@ -23,34 +22,26 @@ def test_canvases_are_the_same_for_a_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     cv, dv, targets = a
     n = SUB * 4  # Nano: 4 x 4 tokens per view
-    assert cv.shape == (5, 3, 128, 128) and dv.shape == (5, 3, 56, 56) and targets.shape == (5, 2, n, n)
+    assert cv.shape == (5, 3, 128, 128) and dv.shape == (5, 3, 56, 56) and targets.shape == (5, n, n)
     assert not np.array_equal(text_sample(random.Random(4), config)[2], targets)
 
 
-def test_each_item_centre_sits_on_its_ink():
-    """The drawing record against the pixels: around every character's centre (a box of half its size) the
-    canvas has ink, i.e. much darker or more coloured pixels than the light background; at every shape's
-    centre the colour is nearer its own palette colour than any other."""
-    rng, characters, shapes = random.Random(0), 0, 0
-    palette = np.array([COLOURS[c] for c in COLOUR_NAMES], np.float32)
-    for _ in range(30):
-        image, items = draw_text_canvas(rng, 256)
-        grey, rgb = np.asarray(image.convert("L"), np.float32), np.asarray(image, np.float32)
-        for g in items:
-            if g.label >= SHAPE_CLASS:
-                if g.width < 12:
-                    continue
-                x, y = int(g.x), int(g.y)
-                centre = np.median(rgb[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3), axis=0)
-                assert np.abs(palette - centre).sum(1).argmin() == g.colour, (g, centre)
-                shapes += 1
-            elif g.height >= 20:
-                x0, x1 = int(g.x - g.width / 4), int(g.x + g.width / 4) + 1
-                y0, y1 = int(g.y - g.height / 4), int(g.y + g.height / 4) + 1
-                region = grey[max(0, y0):y1, max(0, x0):x1]
-                assert region.max() - region.min() > 40, (g, region.min(), region.max())
-                characters += 1
-    assert characters > 50 and shapes > 20
+def test_each_glyph_centre_sits_on_its_ink():
+    """The drawing record against the pixels: around every glyph's centre (a box of half its size) the
+    canvas has ink, i.e. much darker or more coloured pixels than the light background."""
+    rng, checked = random.Random(0), 0
+    for _ in range(20):
+        image, glyphs = draw_text_canvas(rng, 256)
+        pixels = np.asarray(image.convert("L"), np.float32)
+        for g in glyphs:
+            if g.height < 20:
+                continue
+            x0, x1 = int(g.x - g.width / 4), int(g.x + g.width / 4) + 1
+            y0, y1 = int(g.y - g.height / 4), int(g.y + g.height / 4) + 1
+            region = pixels[max(0, y0):y1, max(0, x0):x1]
+            assert region.max() - region.min() > 40, (g, region.min(), region.max())
+            checked += 1
+    assert checked > 50
 
 
 def test_sub_cell_targets_follow_the_views():
@@ -60,28 +51,21 @@ def test_sub_cell_targets_follow_the_views():
     assert side == 256
     a = CHARACTERS.index("a") + 1
     seven = CHARACTERS.index("7") + 1
-    square, blue = SHAPE_CLASS + SHAPES.index("square"), COLOUR_NAMES.index("blue")
-    items = [Item(150.0, 40.0, a, 10.0, 16.0),  # top-right tile; 8 px high in the global view
-             Item(20.0, 200.0, seven, 4.0, 8.0),  # bottom-left tile; too small for the global view
-             Item(100.0, 100.0, a, 10, 20), Item(104.0, 102.0, seven, 10, 20),  # two centres in one cell
-             Item(200.0, 200.0, square, 30.0, 30.0, blue)]  # bottom-right tile
-    global_view, global_colours = sub_cell_targets(items, 0, side, config)
+    glyphs = [Glyph(150.0, 40.0, a, 10.0, 16.0),  # top-right tile; 8 px high in the global view
+              Glyph(20.0, 200.0, seven, 4.0, 8.0),  # bottom-left tile; too small for the global view
+              Glyph(100.0, 100.0, a, 10, 20), Glyph(104.0, 102.0, seven, 10, 20)]  # two centres in one cell
+    global_view = sub_cell_targets(glyphs, 0, side, config)
     assert global_view[40 // 2 // 16, 150 // 2 // 16] == a
     assert global_view[200 // 2 // 16, 20 // 2 // 16] == IGNORE
     assert global_view[100 // 2 // 16, 100 // 2 // 16] == IGNORE
-    assert global_view[200 // 2 // 16, 200 // 2 // 16] == square
-    assert (global_view > 0).sum() == 2
-    assert global_colours[200 // 2 // 16, 200 // 2 // 16] == blue and (global_colours != IGNORE).sum() == 1
-    top_right, colours = sub_cell_targets(items, 2, side, config)
+    assert (global_view > 0).sum() == 1
+    top_right = sub_cell_targets(glyphs, 2, side, config)
     assert top_right[40 // 16, (150 - 128) // 16] == a and (top_right != 0).sum() == 1
-    assert (colours == IGNORE).all()  # a character has no colour target
-    bottom_left = sub_cell_targets(items, 3, side, config)[0]
+    bottom_left = sub_cell_targets(glyphs, 3, side, config)
     assert bottom_left[(200 - 128) // 16, 20 // 16] == seven and (bottom_left != 0).sum() == 1
-    top_left = sub_cell_targets(items, 1, side, config)[0]
+    top_left = sub_cell_targets(glyphs, 1, side, config)
     assert top_left[100 // 16, 100 // 16] == IGNORE and (top_left != 0).sum() == 1
-    bottom_right, colours = sub_cell_targets(items, 4, side, config)
-    assert bottom_right[(200 - 128) // 16, (200 - 128) // 16] == square and (bottom_right != 0).sum() == 1
-    assert colours[(200 - 128) // 16, (200 - 128) // 16] == blue and (colours != IGNORE).sum() == 1
+    assert (sub_cell_targets(glyphs, 4, side, config) == 0).all()
 
 
 def test_the_head_reads_each_token_alone():
@@ -90,7 +74,7 @@ def test_the_head_reads_each_token_alone():
     head = ReadingHead(vision_dim=24, tokens_per_side=4).eval()
     patches = torch.randn(2, 16, 24)
     logits = head(patches)
-    assert logits.shape == (2, 4 * SUB, 4 * SUB, CLASSES + len(COLOUR_NAMES))
+    assert logits.shape == (2, 4 * SUB, 4 * SUB, len(CHARACTERS) + 1)
     changed = patches.clone()
     changed[:, 6] = torch.randn(2, 24)  # token (1, 2) -> sub-cells rows 2-3, columns 4-5
     moved = (head(changed) - logits).abs().amax(dim=(0, 3)) > 1e-6
@@ -99,17 +83,15 @@ def test_the_head_reads_each_token_alone():
     assert torch.equal(moved, expected)
 
 
-def test_the_loss_weighs_what_is_drawn_and_leaves_out_ignored_cells():
-    logits = torch.zeros(1, 2, 2, CLASSES + len(COLOUR_NAMES))
-    targets = torch.tensor([[[[0, 3], [IGNORE, SHAPE_CLASS]], [[IGNORE, IGNORE], [IGNORE, 2]]]])
-    uniform, colour = float(np.log(CLASSES)), float(np.log(len(COLOUR_NAMES)))
-    assert abs(reading_loss(logits, targets).item() - (1.5 * uniform + colour)) < 1e-5
+def test_the_loss_weighs_characters_and_leaves_out_ignored_cells():
+    logits = torch.zeros(1, 2, 2, len(CHARACTERS) + 1)
+    targets = torch.tensor([[[0, 3], [IGNORE, 0]]])
+    uniform = float(np.log(len(CHARACTERS) + 1))
+    assert abs(reading_loss(logits, targets).item() - 1.5 * uniform) < 1e-5
     logits[0, 1, 0] = 100.0  # the ignored cell: any logits, same loss
-    assert abs(reading_loss(logits, targets).item() - (1.5 * uniform + colour)) < 1e-5
-    logits[0, 1, 1, CLASSES + 2] = 50.0  # the shape's colour named right: its term goes to zero
-    assert abs(reading_loss(logits, targets).item() - 1.5 * uniform) < 1e-4
-    nothing_drawn = torch.tensor([[[[0, 0], [IGNORE, 0]], [[IGNORE] * 2] * 2]])  # a finite loss
-    assert abs(reading_loss(logits, nothing_drawn).item() - 0.5 * uniform) < 1e-5
+    assert abs(reading_loss(logits, targets).item() - 1.5 * uniform) < 1e-5
+    nothing_written = torch.tensor([[[0, 0], [IGNORE, 0]]])  # no character in the batch: a finite loss
+    assert abs(reading_loss(logits, nothing_written).item() - 0.5 * uniform) < 1e-5
 
 
 def test_a_short_warmup_learns_and_trains_only_the_experts():
@@ -127,7 +109,7 @@ def test_main_keeps_everything_of_init_but_the_experts(tmp_path, tokenizer_file)
     init = save_native(build_model(get_config("test-tiny"), seed=7), tmp_path / "init", tokenizer=tokenizer_file)
     out, accuracy = main(str(tmp_path / "read"), init=str(init), size="test-tiny", steps=2, canvases=2,
                          eval_canvases=20)
-    assert set(accuracy) == {"global", "tiles", "shapes", "colours"} and all(0 <= v <= 1 for v in accuracy.values())
+    assert set(accuracy) == {"global", "tiles"} and all(0 <= v <= 1 for v in accuracy.values())
     before, after = load_model(init).state_dict(), load_model(out).state_dict()
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
