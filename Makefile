@@ -28,11 +28,9 @@ deps: $(STAMP) $(PEERS)
 	PYTHON=$(abspath $(BIN))/python bash runtime/cpp/install-deps.sh
 	bash runtime/web/install-deps.sh
 
-# pip compiles llama.cpp for the CPU it builds on (-march=native) and caches the wheel under ~/.cache/pip
-# by source, not by CPU: a wheel cached on a machine with AVX-512 dies with "Illegal instruction" on
-# one without. --no-cache-dir compiles it here, for this CPU, every time (a few minutes on 2 cores).
+# The peers extra, llama.cpp compiled for this CPU every time (benchmarks/install-peers.sh says why).
 $(PEERS): $(STAMP)
-	$(BIN)/pip install -q --no-cache-dir -e ".[peers]"
+	bash benchmarks/install-peers.sh $(abspath $(BIN))/python
 	touch $(PEERS)
 
 test: $(STAMP) deps

@@ -162,7 +162,7 @@ def test_llm_only_with_peers_records_one_thread_count_in_every_row(nano_int4_pte
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
-            missing_tool(f"{module} is not installed (pip install -e '.[peers]', or make deps)")
+            missing_tool(f"{module} is not installed (bash benchmarks/install-peers.sh, or make deps)")
     code, out = run("bench", nano_int4_pte, "--format", "pte", "--llm-only", "-t", "1", "-r", "2", "--warmup", "0",
                     "--pp", "16", "--tg", "4", "--peer", "llama.cpp-Q4_0", "--peer", "ort-genai-int4",
                     "--peers-dir", tmp_path / "peers", "--no-bandwidth", "--json", tmp_path / "b.json", "-o", "jsonl")

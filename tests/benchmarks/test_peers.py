@@ -19,7 +19,7 @@ def needs(*modules: tuple[str, str]):
     """The peers extra that `make deps` installs: skip without it on a developer's machine, fail under CI."""
     for module, dist in modules:
         if importlib.util.find_spec(module) is None:
-            missing_tool(f"{dist} is not installed (pip install -e '.[peers]', or make deps)")
+            missing_tool(f"{dist} is not installed (bash benchmarks/install-peers.sh, or make deps)")
 
 
 @pytest.mark.parametrize("size", ["tiny", "nano", "intern2"])

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The peer runtimes of `sphinx-edge bench --peer` (the project's [peers] extra) into a Python
+# environment: pip compiles llama.cpp for the CPU it builds on (-march=native).
+#   - --no-cache-dir: pip caches that wheel by source, not by CPU, and a wheel compiled on a machine
+#     with other CPU features dies with "Illegal instruction" here.
+#   - AMX: some x86 machines (virtual ones among them, this project's CI included) report AMX and grant
+#     its tile state, yet trap the first tile instruction. llama.cpp then dies in its AMX matmul, so a
+#     small probe runs one tile instruction first and, where it traps, llama.cpp is built without AMX.
+# Usage: bash benchmarks/install-peers.sh [python]   (default: .venv/bin/python of the repository)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${1:-$root/.venv/bin/python}
+[ -x "$python" ] || { echo "install-peers.sh: no Python at $python (make install creates .venv)" >&2; exit 1; }
+
+amx_runs() {  # exit 0 when a tile instruction executes on this machine
+  local dir
+  dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' RETURN
+  cat > "$dir/amx.c" <<'EOF'
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) return 1;
+    unsigned char config[64];
+    memset(config, 0, sizeof config);
+    config[0] = 1;                    /* palette 1 */
+    config[16] = 64; config[48] = 16; /* tile 0: 16 rows of 64 bytes */
+    _tile_loadconfig(config);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+EOF
+  ${CC:-cc} -O1 -mamx-tile "$dir/amx.c" -o "$dir/amx" 2>/dev/null && "$dir/amx" 2>/dev/null
+}
+
+flags=""
+if [ "$(uname -m)" = x86_64 ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! (amx_runs) 2>/dev/null; then
+  echo "install-peers.sh: this CPU reports AMX but traps its instructions: llama.cpp is built without AMX"
+  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+# CMake takes CFLAGS/CXXFLAGS as its initial compile flags; an explicit -mno-* wins over -march=native.
+CFLAGS="${CFLAGS:-} $flags" CXXFLAGS="${CXXFLAGS:-} $flags" \
+  "$python" -m pip install -q --no-cache-dir -e "$root[peers]"
