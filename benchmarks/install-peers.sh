@@ -3,19 +3,20 @@
 # environment: pip compiles llama.cpp for the CPU it builds on (-march=native).
 #   - --no-cache-dir: pip caches that wheel by source, not by CPU, and a wheel compiled on a machine
 #     with other CPU features dies with "Illegal instruction" here.
-#   - AMX: some x86 machines (virtual ones among them, this project's CI included) report AMX and grant
-#     its tile state, yet trap the first tile instruction. llama.cpp then dies in its AMX matmul, so a
-#     small probe runs one tile instruction first and, where it traps, llama.cpp is built without AMX.
+#   - AMX: on this project's CI machines (Intel with AMX, GCC 12) llama.cpp dies with SIGILL on a tile
+#     instruction in its AMX matmul. A small AMX program compiled here with optimisation dies the same
+#     way: GCC 12 drops the tile configuration's stores before ldtilecfg (seen in its disassembly), so
+#     the first tile instruction finds no configured tile. So the probe below is built the way llama.cpp
+#     is (optimised) and, where it traps, llama.cpp is built without AMX.
 # Usage: bash benchmarks/install-peers.sh [python]   (default: .venv/bin/python of the repository)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${1:-$root/.venv/bin/python}
 [ -x "$python" ] || { echo "install-peers.sh: no Python at $python (make install creates .venv)" >&2; exit 1; }
 
-amx_runs() {  # exit 0 when a tile instruction executes on this machine
-  local dir
+amx_runs() (  # exit 0 when a tile instruction executes on this machine (a subshell: its trap and its SIGILL stay in it)
   dir=$(mktemp -d)
-  trap 'rm -rf "$dir"' RETURN
+  trap 'rm -rf "$dir"' EXIT
   cat > "$dir/amx.c" <<'EOF'
 #include <immintrin.h>
 #include <string.h>
@@ -33,12 +34,12 @@ int main(void) {
     return 0;
 }
 EOF
-  ${CC:-cc} -O1 -mamx-tile "$dir/amx.c" -o "$dir/amx" 2>/dev/null && "$dir/amx" 2>/dev/null
-}
+  ${CC:-cc} -O2 -mamx-tile "$dir/amx.c" -o "$dir/amx" && "$dir/amx"
+)
 
 flags=""
-if [ "$(uname -m)" = x86_64 ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! (amx_runs) 2>/dev/null; then
-  echo "install-peers.sh: this CPU reports AMX but traps its instructions: llama.cpp is built without AMX"
+if [ "$(uname -m)" = x86_64 ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! amx_runs 2>/dev/null; then
+  echo "install-peers.sh: an optimised AMX program traps here: llama.cpp is built without AMX"
   flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
 # CMake takes CFLAGS/CXXFLAGS as its initial compile flags; an explicit -mno-* wins over -march=native.
