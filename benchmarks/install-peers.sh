@@ -4,10 +4,13 @@
 #   - --no-cache-dir: pip caches that wheel by source, not by CPU, and a wheel compiled on a machine
 #     with other CPU features dies with "Illegal instruction" here.
 #   - AMX: on this project's CI machines (Intel with AMX, GCC 12) llama.cpp dies with SIGILL on a tile
-#     instruction in its AMX matmul. A small AMX program compiled here with optimisation dies the same
-#     way: GCC 12 drops the tile configuration's stores before ldtilecfg (seen in its disassembly), so
-#     the first tile instruction finds no configured tile. So the probe below is built the way llama.cpp
-#     is (optimised) and, where it traps, llama.cpp is built without AMX.
+#     instruction in its AMX matmul. GCC 12's _tile_loadconfig tells the compiler that ldtilecfg reads 8
+#     bytes (its asm operand is `*(const void **)config`), so an optimised build drops the stores to the
+#     rest of a 64-byte tile configuration built on the stack, as llama.cpp's ggml_tile_config_init
+#     builds it, and the first tile instruction finds no configured tile. The probe below is built the way
+#     llama.cpp is (optimised) and, where it traps, llama.cpp is built without AMX. (clang 14 compiles
+#     the probe correctly but names its macros __AMXINT8__, not __AMX_INT8__, so llama.cpp built with it
+#     has no AMX path either.)
 # Usage: bash benchmarks/install-peers.sh [python]   (default: .venv/bin/python of the repository)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

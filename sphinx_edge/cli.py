@@ -368,10 +368,11 @@ def train(
     export: Annotated[Optional[Path], typer.Option(help="Do not train: write the latest checkpoint here as a model.")] = None,
 ) -> None:
     """Train with a recipe in this process. For several GPUs: torchrun -m sphinx_edge.train.recipe RECIPE."""
-    from sphinx_edge.train.recipe import TrainConfig, export_latest, parse_overrides, train as run
+    from sphinx_edge.train.recipe import TrainConfig, export_latest, model_config, parse_overrides, train as run
 
     try:
         cfg = TrainConfig.load(recipe, **parse_overrides(overrides or []))
+        model_config(cfg)  # its init readable and llm_layers possible, before any work
     except (OSError, ValueError, TypeError) as e:
         fail(f"{recipe}: {e}")
     if export is not None:

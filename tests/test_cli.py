@@ -207,6 +207,8 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert code == 0, out
     code, out = run("train", tmp_path / "missing.toml")
     assert code == 2 and "missing.toml" in out
+    code, out = run("train", recipe, "llm_layers=6", f"out_dir={tmp_path / 'deeper'}")  # Nano has 4 blocks
+    assert code == 2 and "multiple" in out and not (tmp_path / "deeper").exists()
 
 
 def test_export_explains_missing_weights_and_bad_options(tmp_path):

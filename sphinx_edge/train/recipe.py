@@ -32,11 +32,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sphinx_edge.config import get_config
+from sphinx_edge.config import SphinxConfig, get_config
 from sphinx_edge.errors import UserError
 from sphinx_edge.io import write_text_atomic
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
+from sphinx_edge.train.deepen import deepen, deepened_config
 from sphinx_edge.train.flops import model_flops_per_token, peak_flops
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
     data: list[DataSource]
     tokenizer: str
     init: str | None = None  # checkpoint directory to start from; random weights if None
+    llm_layers: int | None = None  # grow the LLM to this many blocks, a multiple of its own (train/deepen.py)
     steps: int = 1000
     batch_size: int = 8  # per rank, per micro-batch
     grad_accum: int = 1
@@ -162,14 +164,27 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
         from sphinx_edge.checkpoints import load_model
 
         model = load_model(cfg.init, cfg.size)
+        if cfg.llm_layers:
+            model = deepen(model, cfg.llm_layers)
     else:
-        model = build_model(get_config(cfg.size), seed=cfg.seed)
+        model = build_model(model_config(cfg), seed=cfg.seed)
     model.to(device).train()
     if cfg.freeze_encoders:
         for encoder in model.experts:
             encoder.requires_grad_(False).eval()
     model.llm.gradient_checkpointing = cfg.activation_checkpointing
     return model
+
+
+def model_config(cfg: TrainConfig) -> SphinxConfig:
+    """The configuration of the model a recipe trains: its init's (or its size's), grown to llm_layers."""
+    if cfg.init:
+        from sphinx_edge.checkpoints import checkpoint_config
+
+        config = checkpoint_config(cfg.init, cfg.size)
+    else:
+        config = get_config(cfg.size)
+    return deepened_config(config, cfg.llm_layers) if cfg.llm_layers else config
 
 
 def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -347,7 +362,7 @@ def export_latest(cfg: TrainConfig, out: str | os.PathLike) -> Path:
     if not (root / "latest").exists():
         raise FileNotFoundError(f"{root} holds no checkpoint yet")
     path = root / (root / "latest").read_text().strip()
-    trainee = Trainee(build_model(get_config(cfg.size), seed=cfg.seed), cfg.freeze_encoders)
+    trainee = Trainee(build_model(model_config(cfg), seed=cfg.seed), cfg.freeze_encoders)
     state = {"model": get_model_state_dict(trainee)}
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))

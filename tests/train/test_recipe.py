@@ -64,6 +64,24 @@ def test_single_process_training_lowers_the_loss_and_exports(tmp_path, tokenizer
     assert not [w for w in recwarn if "torch.distributed is disabled" in str(w.message)]  # quiet saves
 
 
+def test_a_recipe_grows_its_init_in_depth(tmp_path, tokenizer_file):
+    """llm_layers: the init's LLM grown (train/deepen.py), trained, saved and exported at the new depth."""
+    from sphinx_edge.checkpoints import load_model
+    from sphinx_edge.checkpoints.native import save_native
+    from sphinx_edge.config import get_config
+    from sphinx_edge.model.sphinx import build_model
+    from sphinx_edge.train.recipe import export_latest
+
+    save_native(build_model(get_config("test-tiny"), seed=5), tmp_path / "init", tokenizer=tokenizer_file)
+    cfg = TrainConfig.load(write_recipe(tmp_path, tokenizer_file, steps=3, num_workers=0,
+                                        init=str(tmp_path / "init"), llm_layers=4))
+    train(cfg)
+    assert load_model(tmp_path / "run" / "model").config.llm.n_layers == 4
+    assert load_model(export_latest(cfg, tmp_path / "latest")).config.llm.n_layers == 4
+    with pytest.raises(ValueError, match="multiple"):
+        train(TrainConfig.load(tmp_path / "recipe.toml", llm_layers=3, out_dir=str(tmp_path / "bad")))
+
+
 def torchrun(recipe: Path, *overrides: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
