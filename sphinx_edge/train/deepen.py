@@ -32,7 +32,8 @@ def deepened_config(config: SphinxConfig, n_layers: int) -> SphinxConfig:
 
 def deepen(model: SphinxModel, n_layers: int) -> SphinxModel:
     """`model` with `n_layers` LLM blocks: each block followed by copies of it that add nothing (above).
-    Returns `model` itself when it already has that many."""
+    The grown model takes over `model`'s tensors (only the copies are new memory): use it instead of
+    `model`, not beside it. Returns `model` itself when it already has that many blocks."""
     if n_layers == model.config.llm.n_layers:
         return model
     config = deepened_config(model.config, n_layers)
@@ -44,9 +45,11 @@ def deepen(model: SphinxModel, n_layers: int) -> SphinxModel:
             continue
         index, rest = name.removeprefix("llm.layers.").split(".", 1)
         for copy in range(factor):
-            silent = copy > 0 and rest.endswith(_OUTPUTS)
-            state[f"llm.layers.{int(index) * factor + copy}.{rest}"] = (
-                torch.zeros_like(tensor) if silent else tensor.clone())
+            if copy == 0:
+                grown_tensor = tensor
+            else:  # a tensor of its own: copies that shared one would be trained as one
+                grown_tensor = torch.zeros_like(tensor) if rest.endswith(_OUTPUTS) else tensor.clone()
+            state[f"llm.layers.{int(index) * factor + copy}.{rest}"] = grown_tensor
     with torch.device("meta"):
         grown = SphinxModel(config)
     grown.load_state_dict(state, assign=True)  # (a model has no buffers until its KV cache is set up)

@@ -22,6 +22,8 @@ def test_the_grown_model_computes_what_the_original_does(size):
     assert torch.equal(new["llm.layers.3.attention.wqkv.weight"], old["llm.layers.1.attention.wqkv.weight"])
     assert not new["llm.layers.4.attention.wo.weight"].any()
     assert torch.equal(new["llm.layers.3.attention.wo.weight"], old["llm.layers.1.attention.wo.weight"])
+    copies = [new[f"llm.layers.{i}.attention.wqkv.weight"] for i in (3, 4, 5)]
+    assert len({t.data_ptr() for t in copies}) == 3  # each trains on its own
     for name, tensor in old.items():  # the experts, the projector, the embeddings are the original's
         if not name.startswith("llm.layers."):
             assert torch.equal(new[name], tensor), name
