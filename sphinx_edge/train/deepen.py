@@ -44,12 +44,11 @@ def deepen(model: SphinxModel, n_layers: int) -> SphinxModel:
             state[name] = tensor
             continue
         index, rest = name.removeprefix("llm.layers.").split(".", 1)
-        for copy in range(factor):
-            if copy == 0:
-                grown_tensor = tensor
-            else:  # a tensor of its own: copies that shared one would be trained as one
-                grown_tensor = torch.zeros_like(tensor) if rest.endswith(_OUTPUTS) else tensor.clone()
-            state[f"llm.layers.{int(index) * factor + copy}.{rest}"] = grown_tensor
+        first = int(index) * factor
+        state[f"llm.layers.{first}.{rest}"] = tensor
+        for copy in range(1, factor):  # each a tensor of its own: copies sharing one would train as one
+            state[f"llm.layers.{first + copy}.{rest}"] = (
+                torch.zeros_like(tensor) if rest.endswith(_OUTPUTS) else tensor.clone())
     with torch.device("meta"):
         grown = SphinxModel(config)
     grown.load_state_dict(state, assign=True)  # (a model has no buffers until its KV cache is set up)
