@@ -372,7 +372,7 @@ def train(
 
     try:
         cfg = TrainConfig.load(recipe, **parse_overrides(overrides or []))
-        model_config(cfg)  # its init readable and llm_layers possible, before any work
+        model_config(cfg)  # its init readable, llm_layers and view_size possible, before any work
     except (OSError, ValueError, TypeError) as e:
         fail(f"{recipe}: {e}")
     if export is not None:

@@ -209,6 +209,8 @@ def test_data_train_eval_and_chat_commands(tmp_path):
     assert code == 2 and "missing.toml" in out
     code, out = run("train", recipe, "llm_layers=6", f"out_dir={tmp_path / 'deeper'}")  # Nano has 4 blocks
     assert code == 2 and "multiple" in out and not (tmp_path / "deeper").exists()
+    code, out = run("train", recipe, "view_size=100", f"out_dir={tmp_path / 'finer'}")
+    assert code == 2 and "multiple of 32" in out and not (tmp_path / "finer").exists()
 
 
 def test_export_explains_missing_weights_and_bad_options(tmp_path):

@@ -39,6 +39,7 @@ from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
 from sphinx_edge.train.deepen import deepen, deepened_config
 from sphinx_edge.train.flops import model_flops_per_token, peak_flops
+from sphinx_edge.train.resize_views import resize_views, resized_config
 
 
 # "token": every supervised token of the batch weighs the same (SPHINX's reference); "conversation":
@@ -61,6 +62,7 @@ class TrainConfig:
     tokenizer: str
     init: str | None = None  # checkpoint directory to start from; random weights if None
     llm_layers: int | None = None  # grow the LLM to this many blocks, a multiple of its own (train/deepen.py)
+    view_size: int | None = None  # views of this many pixels, a multiple of 32 (train/resize_views.py)
     steps: int = 1000
     batch_size: int = 8  # per rank, per micro-batch
     grad_accum: int = 1
@@ -166,6 +168,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
         model = load_model(cfg.init, cfg.size)
         if cfg.llm_layers:
             model = deepen(model, cfg.llm_layers)
+        if cfg.view_size:
+            model = resize_views(model, cfg.view_size)
     else:
         model = build_model(model_config(cfg), seed=cfg.seed)
     model.to(device).train()
@@ -177,14 +181,17 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> SphinxModel:
 
 
 def model_config(cfg: TrainConfig) -> SphinxConfig:
-    """The configuration of the model a recipe trains: its init's (or its size's), grown to llm_layers."""
+    """The configuration of the model a recipe trains: its init's (or its size's), grown to llm_layers,
+    its views resized to view_size."""
     if cfg.init:
         from sphinx_edge.checkpoints import checkpoint_config
 
         config = checkpoint_config(cfg.init, cfg.size)
     else:
         config = get_config(cfg.size)
-    return deepened_config(config, cfg.llm_layers) if cfg.llm_layers else config
+    if cfg.llm_layers:
+        config = deepened_config(config, cfg.llm_layers)
+    return resized_config(config, cfg.view_size) if cfg.view_size else config
 
 
 def make_optimizer(model: SphinxModel, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -65,7 +65,8 @@ def test_single_process_training_lowers_the_loss_and_exports(tmp_path, tokenizer
 
 
 def test_a_recipe_grows_its_init_in_depth(tmp_path, tokenizer_file):
-    """llm_layers: the init's LLM grown (train/deepen.py), trained, saved and exported at the new depth."""
+    """llm_layers: the init's LLM grown (train/deepen.py), trained, saved and exported at the new depth;
+    view_size likewise for its views."""
     from sphinx_edge.checkpoints import load_model
     from sphinx_edge.checkpoints.native import save_native
     from sphinx_edge.config import get_config
@@ -80,6 +81,11 @@ def test_a_recipe_grows_its_init_in_depth(tmp_path, tokenizer_file):
     assert load_model(export_latest(cfg, tmp_path / "latest")).config.llm.n_layers == 4
     with pytest.raises(ValueError, match="multiple"):
         train(TrainConfig.load(tmp_path / "recipe.toml", llm_layers=3, out_dir=str(tmp_path / "bad")))
+
+    finer = TrainConfig.load(tmp_path / "recipe.toml", view_size=96, out_dir=str(tmp_path / "finer"))
+    train(finer)  # view_size: the init's views resized (train/resize_views.py), tiled and trained as such
+    assert load_model(tmp_path / "finer" / "model").config.convnext.image_size == 96
+    assert load_model(export_latest(finer, tmp_path / "finer-latest")).config.dinov2.image_size == 42
 
 
 def torchrun(recipe: Path, *overrides: str) -> None:
