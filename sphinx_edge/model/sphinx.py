@@ -286,3 +286,12 @@ def build_model(
     if str(device) != "meta":
         init_weights(model, seed=seed)
     return model.to(dtype)
+
+
+def model_of_state(config: SphinxConfig, state: dict[str, torch.Tensor]) -> SphinxModel:
+    """A model of `config` that takes over `state`'s tensors (no copy; a model has no buffers until its
+    KV cache is set up), e.g. the same weights read another way: deeper, on other views, unwrapped."""
+    with torch.device("meta"):
+        model = SphinxModel(config)
+    model.load_state_dict(state, assign=True)
+    return model

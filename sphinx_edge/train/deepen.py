@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from sphinx_edge.config import SphinxConfig
-from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.model.sphinx import SphinxModel, model_of_state
 
 # The output projections of a block: attention's, and the feed-forward's (a mixtral block's experts'
 # stacked w2 is a parameter of its own, not a Linear's weight).
@@ -49,7 +49,4 @@ def deepen(model: SphinxModel, n_layers: int) -> SphinxModel:
         for copy in range(1, factor):  # each a tensor of its own: copies sharing one would train as one
             state[f"llm.layers.{first + copy}.{rest}"] = (
                 torch.zeros_like(tensor) if rest.endswith(_OUTPUTS) else tensor.clone())
-    with torch.device("meta"):
-        grown = SphinxModel(config)
-    grown.load_state_dict(state, assign=True)  # (a model has no buffers until its KV cache is set up)
-    return grown.train(model.training)
+    return model_of_state(config, state).train(model.training)

@@ -35,7 +35,7 @@ from torch import nn
 from sphinx_edge.config import SphinxConfig, get_config
 from sphinx_edge.errors import UserError
 from sphinx_edge.io import write_text_atomic
-from sphinx_edge.model.sphinx import SphinxModel, build_model
+from sphinx_edge.model.sphinx import SphinxModel, build_model, model_of_state
 from sphinx_edge.train.data import IGNORE, ConversationDataset, Example, Mixture
 from sphinx_edge.train.deepen import deepen, deepened_config
 from sphinx_edge.train.flops import model_flops_per_token, peak_flops
@@ -499,9 +499,7 @@ def export_final(trainee: Trainee, cfg: TrainConfig, rank: int) -> None:
 
     state = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        with torch.device("meta"):
-            plain = SphinxModel(trainee.model.config)
-        plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+        plain = model_of_state(trainee.model.config, {k.removeprefix("model."): v for k, v in state.items()})
         save_native(plain, Path(cfg.out_dir) / "model", tokenizer=cfg.tokenizer)
         print(f"saved {Path(cfg.out_dir) / 'model'}", flush=True)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from sphinx_edge.config import SphinxConfig
-from sphinx_edge.model.sphinx import SphinxModel
+from sphinx_edge.model.sphinx import SphinxModel, model_of_state
 
 _STRIDE = 32  # ConvNeXt's output stride: one token per 32 x 32 pixels of a view
 
@@ -37,10 +37,4 @@ def resize_views(model: SphinxModel, view_size: int) -> SphinxModel:
     instead of `model`. Returns `model` itself when its views are that size already."""
     if view_size == model.config.convnext.image_size:
         return model
-    import torch
-
-    config = resized_config(model.config, view_size)
-    with torch.device("meta"):
-        resized = SphinxModel(config)
-    resized.load_state_dict(model.state_dict(), assign=True)
-    return resized.train(model.training)
+    return model_of_state(resized_config(model.config, view_size), model.state_dict()).train(model.training)
