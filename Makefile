@@ -36,16 +36,17 @@ $(PEERS): $(STAMP)
 test: $(STAMP) deps
 	$(BIN)/python -m pytest -q -n 2 tests
 
-# SPHINX-Nano from scratch on this CPU, in two stages (about 3 h 30 min on 2 cores). Nano 1 (1 h 45 min):
+# SPHINX-Nano from scratch on this CPU, in three stages (about 4 h 30 min on 2 cores). Nano 1 (1 h 45 min):
 # the plain look's five domains and a reading-only set, a tokenizer, a supervised warm-up of the two
-# experts, the one-stage recipe. Nano 2 (about 1 h 45 min): the varied look's nine domains, the recipe
-# again from all of Nano 1. Nano 2's weights are copied to sphinx_edge/weights/nano (what ships).
+# experts on 128 px views, the one-stage recipe. Nano 2 (about 1 h 45 min): the varied look's nine domains,
+# the recipe again from all of Nano 1. Then Nano 2 on 192 px views (1 h): its weights are copied to
+# sphinx_edge/weights/nano (what ships).
 nano: $(STAMP)
 	$(BIN)/sphinx-edge data synth --out data/nano --train 60000 --test 500 --workers 2
 	$(BIN)/sphinx-edge data synth --out data/nano-text --train 30000 --test 0 --seed 2 --workers 2 --domains text
 	$(BIN)/sphinx-edge data tokenizer data/nano/train.json --out data/nano/tokenizer.model --vocab-size 1024
 	$(BIN)/sphinx-edge warmup-encoders data/nano/train.json data/nano-text/train.json --out runs/nano-encoders \
-		--steps 2800 --tokenizer data/nano/tokenizer.model --eval data/nano/test.json
+		--steps 2800 --tokenizer data/nano/tokenizer.model --eval data/nano/test.json --view-size 128
 	$(BIN)/sphinx-edge train recipes/nano.toml
 	$(BIN)/sphinx-edge eval --checkpoint runs/nano/model --data data/nano/test.json --json runs/nano/eval.json
 	$(BIN)/sphinx-edge data synth --out data/nano2 --train 30000 --test 900 --look varied --workers 2
@@ -54,7 +55,10 @@ nano: $(STAMP)
 	$(BIN)/sphinx-edge train recipes/nano2.toml
 	$(BIN)/sphinx-edge eval --checkpoint runs/nano2/model --data data/nano2/test.json --json runs/nano2/eval.json
 	$(BIN)/sphinx-edge eval --checkpoint runs/nano2/model --data data/independent/test.json --json runs/nano2/eval-independent.json
-	mkdir -p sphinx_edge/weights/nano && cp runs/nano2/model/* sphinx_edge/weights/nano/
+	$(BIN)/sphinx-edge train recipes/nano2-v192.toml
+	$(BIN)/sphinx-edge eval --checkpoint runs/nano2-v192/model --data data/nano2/test.json --json runs/nano2-v192/eval.json
+	$(BIN)/sphinx-edge eval --checkpoint runs/nano2-v192/model --data data/independent/test.json --json runs/nano2-v192/eval-independent.json
+	mkdir -p sphinx_edge/weights/nano && cp runs/nano2-v192/model/* sphinx_edge/weights/nano/
 
 # The SPHINX-Nano int4 ONNX export that ships inside the package (`sphinx-edge run` with no export
 # answers from it); rerun after the bundled weights change.

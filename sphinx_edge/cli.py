@@ -418,6 +418,9 @@ def warmup_encoders_cmd(
     sample_per: Annotated[Literal["question", "image"], typer.Option(
         help="Draw batches per question (each question once an epoch) or per image (every image equally "
              "often, one of its questions: domains that ask many questions per image no longer dominate).")] = "question",
+    view_size: Annotated[Optional[int], typer.Option(min=32, help="View side in pixels, a multiple of 32 (one token "
+                                                     "per 32 px); default: --size's (or --init's). make nano warms "
+                                                     "Nano 1 up on 128 px views.")] = None,
 ) -> None:
     """Supervised warm-up of the two visual experts on question answering, standing in for the
     pretrained CLIP / DINOv2 that real SPHINX starts from (models trained from scratch: Nano)."""
@@ -431,8 +434,8 @@ def warmup_encoders_cmd(
         warmup([str(p) for p in data], str(out), size=size, steps=steps, batch_size=batch_size, lr=lr,
                limit=limit, seed=seed, tokenizer=str(tokenizer) if tokenizer else None,
                eval_json=str(eval_data) if eval_data else None, views=views, init=str(init) if init else None,
-               sample_per=sample_per)
-    except ValueError as e:  # DataError (unreadable data or images) or an unknown size
+               sample_per=sample_per, view_size=view_size)
+    except ValueError as e:  # DataError (unreadable data or images), an unknown size or a bad --view-size
         fail(str(e))
 
 

@@ -340,13 +340,15 @@ def _test(name: str, llm: LLMConfig, layout: str = "sphinx-x") -> SphinxConfig:
     return SphinxConfig(name, llm, _TEST_CONVNEXT, _TEST_DINOV2, layout, 2, paper, _LIGHT_TYPES[llm.family])
 
 
-# SPHINX-Nano: ours, trained on CPU on the synthetic VQA set (recipes/nano.toml); small encoders of
-# the same two kinds, 128 px tiles (4x4 patches) on a 2x2 grid, a 1024-piece SentencePiece vocabulary.
+# SPHINX-Nano: ours, trained on CPU on synthetic VQA sets (`make nano`); small encoders of the same two
+# kinds, 192 px views (6 x 6 tokens each) on a 2x2 grid, a 1024-piece SentencePiece vocabulary. Nano 1
+# and 2 were trained on 128 px views (4 x 4 tokens; DINOv2's position table is still that 4 x 4 grid,
+# interpolated), the last stage on these (recipes/nano2-v192.toml).
 _NANO = SphinxConfig(
     "nano",
     LLMConfig("llama", 256, 4, 8, 4, llama_ffn_dim(256), 1024, max_seq_len=512),
-    ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), image_size=128),
-    DINOv2Config(embed_dim=128, depth=3, n_heads=4, ffn="mlp", pos_grid=4, image_size=56),
+    ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), image_size=192),
+    DINOv2Config(embed_dim=128, depth=3, n_heads=4, ffn="mlp", pos_grid=4, image_size=84),
     "sphinx-x",
     2,
     "SPHINX-Nano (sphinx-edge)",

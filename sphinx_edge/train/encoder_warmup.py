@@ -34,6 +34,7 @@ from sphinx_edge.layout import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 from sphinx_edge.model.sphinx import SphinxModel, build_model
 from sphinx_edge.train.data import DataError, read_conversations
 from sphinx_edge.train.recipe import one_blas_thread, warmup_cosine
+from sphinx_edge.train.resize_views import resize_views, resized_config
 from sphinx_edge.train.synthetic import canonical_question
 
 SLOTS = 4  # answer pieces per question, <end> included: numbers up to 3 digits
@@ -331,15 +332,19 @@ def head_accuracy(model: SphinxModel, head: AnswerHead, train: WarmupData, data:
 def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 2500, batch_size: int = 128,
          lr: float = 1e-3, limit: int | None = None, seed: int = 0, tokenizer: str | None = None,
          workers: int = 2, eval_json: str | None = None, views: str = "global", init: str | None = None,
-         sample_per: str = "question") -> Path:
+         sample_per: str = "question", view_size: int | None = None) -> Path:
     """Warm up `size`'s experts on `json_files` and save a model directory at `out` (the experts
     trained, everything else as `build_model(seed=seed)` draws it, or as the model directory `init`
-    holds: its experts train on, under a new classifier and a new learning-rate schedule)."""
+    holds: its experts train on, under a new classifier and a new learning-rate schedule). `view_size`
+    (px) replaces the size's (or init's) views: Nano 1 was trained on 128 px views, Nano on 192."""
     from rich.progress import Progress
 
+    from sphinx_edge.checkpoints import checkpoint_config, load_model
     from sphinx_edge.checkpoints.native import save_native
 
-    config = get_config(size)
+    config = checkpoint_config(init, size) if init is not None else get_config(size)
+    if view_size is not None:
+        config = resized_config(config, view_size)
     with Progress() as bar:
         task = bar.add_task(f"{views} views", total=None)
         data = WarmupData(json_files, config, limit=limit, workers=workers, views=views,
@@ -349,9 +354,7 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
     if init is None:
         model = build_model(config, seed=seed)
     else:
-        from sphinx_edge.checkpoints import load_model
-
-        model = load_model(init, size)
+        model = resize_views(load_model(init, size), config.convnext.image_size)
     head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               log=lambda s: print(s, flush=True), sample_per=sample_per)
     if eval_json is not None:

@@ -22,7 +22,7 @@ from sphinx_edge.prompt import SYSTEM_PROMPT, VQA_SUFFIX, format_prompt
 from sphinx_edge.runtime.web_bundle import tokenizer_json
 from sphinx_edge.tokenizer import Tokenizer
 
-NANO = dict(layout="sphinx-x", grid=2, tile_size=128, dino_size=56)
+NANO = dict(layout="sphinx-x", grid=2, tile_size=128, dino_size=56)  # Nano 1's views: geometry only, no model
 # (name, width, height, geometry, alpha): aspect ratios 1:1, 2:1, 1:3, 4:1, tiny and odd sizes, an exact
 # fit (no resampling), downscaling, the other layout, a 3x3 grid, full-size views, transparency.
 TILING_CASES = [

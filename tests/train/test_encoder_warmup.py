@@ -156,6 +156,19 @@ def test_a_warm_up_continues_from_init(synth_json, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_warm_up_on_other_views(synth_json, tmp_path):
+    """view_size: `make nano` warms Nano 1's experts up on 128 px views (the registered Nano reads 192 px);
+    the model directory it writes says so, and its experts saw views of that size. A size that is no
+    multiple of 32 is refused before any data is read or anything written."""
+    assert get_config("nano").convnext.image_size != 128
+    out = main([str(synth_json)], str(tmp_path / "w128"), steps=1, batch_size=8, workers=1, view_size=128)
+    config = load_model(out).config
+    assert (config.convnext.image_size, config.dinov2.image_size) == (128, 56)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        main([str(tmp_path / "missing.json")], str(tmp_path / "bad"), steps=1, workers=1, view_size=100)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_sampling_per_image_gives_every_image_the_same_share(synth_json):
     """sample_per="image": an image that is asked three questions is drawn as often as one asked one."""
     data = WarmupData([synth_json], get_config("nano"), workers=1, limit=6)

@@ -158,6 +158,8 @@ def test_shipped_recipes_load(recipe):
     if recipe.stem == "nano":  # starts from the experts `sphinx-edge warmup-encoders` writes, and trains them on
         assert cfg.init and cfg.init.endswith("runs/nano-encoders") and not cfg.freeze_encoders
         assert 0 < cfg.encoder_lr_ratio < 1 and len(cfg.data) == 2
+    if recipe.stem == "nano2-v192":  # make nano's last stage: Nano 2 onto the registered Nano's views
+        assert cfg.init.endswith("runs/nano2/model") and cfg.view_size == get_config("nano").convnext.image_size
 
 
 def test_loss_per_conversation_weighs_each_conversation_once(tmp_path, tokenizer):
