@@ -1,6 +1,6 @@
-"""The SPHINX-Nano that ships (Nano 2 on 192 px views): it loads from the package, fits the size budget, and answers
-held-out synthetic questions and pictures its generator never drew well above what the answer
-priors alone give."""
+"""The SPHINX-Nano that ships (Nano 2 on 192 px views): it loads from the package, fits the size
+budget, and answers held-out synthetic questions and pictures its generator never drew well above
+what the answer priors alone give."""
 
 import functools
 import json

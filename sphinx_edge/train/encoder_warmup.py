@@ -339,10 +339,11 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
     (px) replaces the size's (or init's) views: Nano 1 was trained on 128 px views, Nano on 192."""
     from rich.progress import Progress
 
-    from sphinx_edge.checkpoints import checkpoint_config, load_model
+    from sphinx_edge.checkpoints import load_model
     from sphinx_edge.checkpoints.native import save_native
 
-    config = checkpoint_config(init, size) if init is not None else get_config(size)
+    start = load_model(init, size) if init is not None else None
+    config = start.config if start is not None else get_config(size)
     if view_size is not None:
         config = resized_config(config, view_size)
     with Progress() as bar:
@@ -351,10 +352,10 @@ def main(json_files: list[str], out: str, *, size: str = "nano", steps: int = 25
                           progress=lambda i, n: bar.update(task, completed=i, total=n))
     print(f"{len(data)} questions about {data.n_images} images ({len(data.convnext)} views); "
           f"{len(data.questions)} distinct questions, {len(data.pieces)} answer pieces", flush=True)
-    if init is None:
+    if start is None:
         model = build_model(config, seed=seed)
     else:
-        model = resize_views(load_model(init, size), config.convnext.image_size)
+        model = resize_views(start, config.convnext.image_size)
     head, _ = warmup_encoders(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               log=lambda s: print(s, flush=True), sample_per=sample_per)
     if eval_json is not None:

@@ -28,6 +28,10 @@ from sphinx_edge.runtime.request import (ALIGN, MAGIC, decode_request, encode_re
                                          write_request)
 
 ROOT = Path(__file__).resolve().parents[2]
+_NANO = get_config("nano")  # the bundled weights' (tests/test_bundled_nano.py checks)
+TILE = _NANO.convnext.image_size  # a view's side
+ROWS = TILE + _NANO.dinov2.image_size  # a packed view: the ConvNeXt view above the DINOv2 one
+IMAGE_TOKENS_2X1 = 3 * _NANO.tokens_per_view + 2  # shapes_2x1.png: 3 views, 2 skip tokens
 CPP = ROOT / "runtime" / "cpp"
 ASSETS = ROOT / "sphinx_edge" / "assets"
 AARCH64_LIBS = Path(os.environ.get("SPHINX_EXECUTORCH_AARCH64",
@@ -155,21 +159,14 @@ def test_detokenizer_matches_sentencepiece(native_runner, nano_export, requests)
         assert json.loads(out.removeprefix("SPHINX_TEXT ")) == tok.decode(ids), ids
 
 
-def _view_shape() -> tuple[int, int]:
-    """Nano's view side and the rows of one packed view: the ConvNeXt view above the DINOv2 one."""
-    config = get_config("nano")
-    return config.convnext.image_size, config.convnext.image_size + config.dinov2.image_size
-
-
 def test_runner_errors_are_specific(native_runner, nano_export, requests, tmp_path):
     program, good = nano_export / "program.pte", requests["shapes_2x1.png"]
     blob = good.read_bytes()
-    tile, rows = _view_shape()
     bad = {
         "truncated": blob[:-1000],
         "notrequest": b"hello world, not a request",
-        "othermodel": blob.replace(f'"tile_size":{tile}'.encode(), b'"tile_size":256', 1),
-        "othershape": blob.replace(f'"shape":[3,{rows},{tile}]'.encode(), f'"shape":[3,{tile},{rows}]'.encode(), 1),
+        "othermodel": blob.replace(f'"tile_size":{TILE}'.encode(), b'"tile_size":256', 1),
+        "othershape": blob.replace(f'"shape":[3,{ROWS},{TILE}]'.encode(), f'"shape":[3,{TILE},{ROWS}]'.encode(), 1),
     }
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
@@ -178,9 +175,9 @@ def test_runner_errors_are_specific(native_runner, nano_export, requests, tmp_pa
         ((program, tmp_path / "none.bin"), "cannot open the request file"),
         ((program, tmp_path / "truncated"), "is truncated"),
         ((program, tmp_path / "notrequest"), "is not a sphinx-edge request file"),
-        ((program, tmp_path / "othermodel"), f"expects tile_size = 256, the program has {tile}"),
+        ((program, tmp_path / "othermodel"), f"expects tile_size = 256, the program has {TILE}"),
         ((program, tmp_path / "othershape"),
-         f"shape [3, {tile}, {rows}]; the program's vision_encoder takes [3, {rows}, {tile}]"),
+         f"shape [3, {TILE}, {ROWS}]; the program's vision_encoder takes [3, {ROWS}, {TILE}]"),
         ((good, good), "could not load the program"),
     ]
     for args, message in expected:
@@ -203,15 +200,13 @@ def test_request_file_is_written_torch_free(nano_export, tmp_path):
     assert blob.startswith(MAGIC) and header["data_offset"] % ALIGN == 0
     assert len(blob) == header["data_offset"] + header["data_bytes"]
     images = [s["image"] for s in header["segments"] if "image" in s]
-    tile, rows = _view_shape()
-    assert [i["shape"] for i in images] == [[3, rows, tile]] * 3 and images[1]["offset"] == 3 * rows * tile * 4
+    assert [i["shape"] for i in images] == [[3, ROWS, TILE]] * 3 and images[1]["offset"] == 3 * ROWS * TILE * 4
     assert header["segments"][-1]["tokens"][:2] == [header["program"]["skip_id"]] * 2  # the padded tiles
     assert header["max_new_tokens"] == 8 and header["stop_strings"] == ["\n###"]
     manifest = json.loads((nano_export / "manifest.json").read_text())  # the key Pipeline(.., "pte") uses
     layout = manifest["model"]["config"]["layout"]
     key = image_key(export_key(manifest, ["program.pte"]), ASSETS / "shapes_2x1.png", layout)
-    per_view = get_config("nano").tokens_per_view  # 6 x 6 tokens, start, pooled and end
-    assert header["image_cache"] == {"key": key, "shape": [3 * per_view + 2, 256]}  # 3 views, 2 skips
+    assert header["image_cache"] == {"key": key, "shape": [IMAGE_TOKENS_2X1, 256]}
     vocab = header["vocab"]
     assert len(vocab["pieces"]) == len(vocab["kinds"]) and vocab["kinds"].count("b") == 256  # byte fallback
 
@@ -310,8 +305,7 @@ def _corrupt(entry: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, why", [("flipped", "its checksum does not match"), ("truncated", "cut short"),
                                       ("magic", "not a sphinx-edge image cache entry"),
-                                      ("shape", f"its shape is not the [{3 * get_config('nano').tokens_per_view + 2}, "
-                                                "256] this request needs")])  # 3 views, 2 skips
+                                      ("shape", f"its shape is not the [{IMAGE_TOKENS_2X1}, 256] this request needs")])
 def test_corrupt_cache_entries_are_refused_removed_and_recomputed(native_runner, nano_export, requests,
                                                                   reference, tmp_path, how, why):
     image, request = CACHED[0], requests[CACHED[0]]
