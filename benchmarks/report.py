@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sphinx_edge.benchmarks.system import int8_features
 from sphinx_edge.io import atomic_path, write_text_atomic
 
 STACK = ("preprocess", "vision", "prefill")  # the stages that add up to time to first token
@@ -184,7 +185,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     bw = result.get("bandwidth_gb_s")
     threads = f"; {result['threads']} threads for every runtime" if result.get("threads") else ""
-    parts = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; {result['date']}"
+    features = int8_features(m)
+    int8 = f" (int8 on {', '.join(features)})" if features else ""
+    parts = [f"Machine: {m['cpu']}{int8}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; {result['date']}"
              + (f"; read bandwidth {bw:.1f} GB/s ({result.get('bandwidth_kind', '')}: "
                 f"{' and '.join(f'{x:.1f}' for x in result.get('bandwidth_samples_gb_s', [bw]))})" if bw else "")
              + threads]

@@ -42,7 +42,7 @@ def describe() -> dict:
     cpu = next((c["model name"] for c in info if "model name" in c), platform.processor() or platform.machine())
     flags = next((c.get("flags", c.get("Features", "")) for c in info), "").split()
     simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                        "avx_vnni", "amx_tile", "neon", "asimd", "asimddp", "sve", "i8mm") if f in flags]
+                        "avx_vnni", "amx_tile", "amx_int8", "neon", "asimd", "asimddp", "sve", "i8mm") if f in flags]
     mem_gib = None
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -52,6 +52,20 @@ def describe() -> dict:
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "physical_cores": physical_cores(), "memory_gib": round(mem_gib, 1) if mem_gib else None,
             "os": platform.platform(), "python": sys.version.split()[0]}
+
+
+# The CPU features that int8 matrix products run on, as a result table names them: how fast int8 and
+# int4 weights multiply depends on them more than on the clock (onnxruntime's int8 GEMM is 13.8x its
+# int4 one with AMX; benchmarks/RESULTS.md, "First answer on a CPU with AMX").
+INT8_FEATURES: dict[str, str] = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX",
+                                 "asimddp": "Arm dot product", "i8mm": "Arm i8mm"}
+
+
+def int8_features(machine: dict) -> list[str]:
+    """The int8 matrix-product features among a `describe()`'s flags, by name (none for a phone's
+    description, which lists no flags)."""
+    flags = machine.get("cpu_flags") or []
+    return [name for flag, name in INT8_FEATURES.items() if flag in flags]
 
 
 def runtime_versions() -> dict[str, str]:

@@ -254,3 +254,15 @@ def test_rows_name_their_export_when_a_run_covers_several():
     assert "| pte int4 g32/vis int8 | 2 |" in memory_table(one)
     rows = memory_table(two).splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| pte int4 g32/vis int8 (tiny-int4)", "| pte int4 g32/vis int8 (tiny-int4-v2)"]
+
+
+def test_the_machine_line_names_the_int8_features():
+    """int8 and int4 weights multiply at rates set by these features (AMX: 13.8x apart), so a table says them."""
+    from sphinx_edge.benchmarks.system import describe, int8_features
+
+    result = {"machine": {"cpu": "Some CPU", "cpu_flags": ["avx2", "avx512_vnni", "amx_tile", "amx_int8"], "cores": 2,
+                          "memory_gib": 8.0, "os": "Linux"}, "date": "2026-12-06", "cases": []}
+    assert "Machine: Some CPU (int8 on AVX-512 VNNI, AMX), 2 cores" in markdown(result)
+    result["machine"] = {"cpu": "Pixel (Tensor)", "cores": 8, "memory_gib": 8.0, "os": "Android 15"}  # adb: no flags
+    assert "Machine: Pixel (Tensor), 8 cores" in markdown(result)
+    assert set(int8_features(describe())) <= {"AVX-512 VNNI", "AVX-VNNI", "AMX", "Arm dot product", "Arm i8mm"}
