@@ -30,10 +30,13 @@ KINDS = tuple(LABELS)
 
 def graph(kind: str, weight: np.ndarray, activation_scale: float, tokens: int) -> bytes:
     """One MatMul of `tokens` x weight as `kind` (KINDS) computes it."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    if kind == "int4":
-        return _int4(graph("fp32", weight, activation_scale, tokens))
+    if kind == "int4":  # what `export --quant int4` makes of it
+        from sphinx_edge.export.onnx import quantize_int4
+
+        return quantize_int4(onnx.load_from_string(graph("fp32", weight, activation_scale, tokens))).SerializeToString()
     m, k, n = tokens, *weight.shape
     scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
     initializers = {"w": weight, "w_q": np.round(weight / scale).astype(np.int8), "w_scale": scale,
@@ -57,18 +60,6 @@ def graph(kind: str, weight: np.ndarray, activation_scale: float, tokens: int) -
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
                           [numpy_helper.from_array(v, name) for name, v in initializers.items() if name in used])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
-
-
-def _int4(fp32_graph: bytes) -> bytes:
-    """The fp32 graph's MatMul as `export --quant int4` quantizes it (export/onnx.py, quantize_file)."""
-    import onnx
-
-    from sphinx_edge.export.onnx import matmul_nbits_quantizer
-
-    quantizer = matmul_nbits_quantizer()(onnx.load_from_string(fp32_graph), block_size=32, is_symmetric=True,
-                                         accuracy_level=4)
-    quantizer.process()
-    return quantizer.model.model.SerializeToString()
 
 
 def main(layer: str = typer.Option("vision", help="the MatMul's shape: vision (a ConvNeXt-XXL MLP layer of a "

@@ -15,6 +15,13 @@ import numpy as np
 from sphinx_edge.rss import peak_rss_mib, reset_peak_rss
 
 
+# The CPU features that int8 matrix products run on, as a result table names them: how fast int8 and
+# int4 weights multiply depends on them more than on the clock (onnxruntime's int8 GEMM is 13.8x its
+# int4 one with AMX; benchmarks/RESULTS.md, "First answer on a CPU with AMX").
+INT8_FEATURES: dict[str, str] = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX",
+                                 "asimddp": "Arm dot product", "i8mm": "Arm i8mm"}
+
+
 def _cpuinfo() -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per logical CPU ([] where there is none)."""
     try:
@@ -41,8 +48,8 @@ def describe() -> dict:
     info = _cpuinfo()
     cpu = next((c["model name"] for c in info if "model name" in c), platform.processor() or platform.machine())
     flags = next((c.get("flags", c.get("Features", "")) for c in info), "").split()
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                        "avx_vnni", "amx_tile", "amx_int8", "neon", "asimd", "asimddp", "sve", "i8mm") if f in flags]
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "amx_tile",
+                        "neon", "asimd", "sve", *INT8_FEATURES) if f in flags]
     mem_gib = None
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -52,13 +59,6 @@ def describe() -> dict:
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "physical_cores": physical_cores(), "memory_gib": round(mem_gib, 1) if mem_gib else None,
             "os": platform.platform(), "python": sys.version.split()[0]}
-
-
-# The CPU features that int8 matrix products run on, as a result table names them: how fast int8 and
-# int4 weights multiply depends on them more than on the clock (onnxruntime's int8 GEMM is 13.8x its
-# int4 one with AMX; benchmarks/RESULTS.md, "First answer on a CPU with AMX").
-INT8_FEATURES: dict[str, str] = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX",
-                                 "asimddp": "Arm dot product", "i8mm": "Arm i8mm"}
 
 
 def int8_features(machine: dict) -> list[str]:

@@ -295,11 +295,7 @@ def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, acc
         with quiet():
             proto = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=True)
     elif quant == "int4":
-        with quiet():
-            quantizer = matmul_nbits_quantizer()(onnx.load(src), block_size=block_size, is_symmetric=True,
-                                             accuracy_level=accuracy_level)
-            quantizer.process()
-        proto = quantizer.model.model
+        proto = quantize_int4(onnx.load(src), block_size=block_size, accuracy_level=accuracy_level)
     elif quant == "int8" and matmul_weights(onnx.load(src, load_external_data=False).graph):
         return quantize_matmuls_int8(src, dst)  # streamed: no copy of the graph's weights in memory
     elif quant == "int8":  # embedding tables (Gather)
@@ -317,6 +313,16 @@ def quantize_file(src: Path, quant: str, dst: Path, *, block_size: int = 32, acc
     else:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     return save_graph(proto, dst)
+
+
+def quantize_int4(proto: onnx.ModelProto, *, block_size: int = 32, accuracy_level: int = 4) -> onnx.ModelProto:
+    """`proto` with its MatMul weights as `--quant int4` writes them: onnxruntime's MatMulNBits,
+    symmetric 4-bit blocks of `block_size` along the input, computed in int8 at accuracy level 4."""
+    with quiet():
+        quantizer = matmul_nbits_quantizer()(proto, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level)
+        quantizer.process()
+    return quantizer.model.model
 
 
 def matmul_nbits_quantizer() -> type:
