@@ -12,8 +12,13 @@ whose pybindings take torch tensors: torch is imported when that backend is chos
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import resource
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +141,48 @@ def executorch_runtime():
     return portable_lib
 
 
+_CAP_IPC_LOCK = 14  # linux/capability.h
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def memory_pinning_refused() -> Iterator[None]:
+    """Within it, this thread cannot pin (mlock) memory. ExecuTorch's Python bindings map a program
+    and pin what they load, ignoring a refusal: SPHINX-Tiny's constant segment, the fp32 token
+    embedding table (254 MiB) of which an answer reads a few rows, would stay resident all along.
+    An unprivileged process is refused already (RLIMIT_MEMLOCK, 8 MiB by default); a root one, as
+    in most containers, is not (CAP_IPC_LOCK), so the same answer took 254 MiB more. Linux only; a
+    no-op elsewhere, and where the limits cannot be changed."""
+    if sys.platform != "linux":
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, hard))
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()  # pid 0: this thread
+    had_lock = libc.capget(ctypes.byref(header), data) == 0 and data[0].effective >> _CAP_IPC_LOCK & 1
+    if had_lock:
+        data[0].effective &= ~(1 << _CAP_IPC_LOCK)
+        had_lock = libc.capset(ctypes.byref(header), data) == 0
+    try:
+        yield
+    finally:
+        if had_lock:
+            data[0].effective |= 1 << _CAP_IPC_LOCK
+            libc.capset(ctypes.byref(header), data)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+
+
 class PteBackend:
     name = "pte"
 
@@ -152,9 +199,10 @@ class PteBackend:
                 portable_lib._unsafe_reset_threadpool(threads)
             self.threads = portable_lib._threadpool_get_thread_count()
         self._torch = torch
-        self.program = Runtime.get().load_program(Path(export_dir) / files["program"][0], enable_etdump=profile)
-        self.methods = {name: self.program.load_method(name)
-                        for name in ("vision_encoder", "token_embedding", "text_decoder")}
+        with memory_pinning_refused():  # the program's pages come in as the kernels read them
+            self.program = Runtime.get().load_program(Path(export_dir) / files["program"][0], enable_etdump=profile)
+            self.methods = {name: self.program.load_method(name)
+                            for name in ("vision_encoder", "token_embedding", "text_decoder")}
         self.max_seq_len = config.llm.max_seq_len
         self.length = 0
 
