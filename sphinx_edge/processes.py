@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sphinx_edge.errors import UserError
@@ -234,3 +234,47 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+_CAP_IPC_LOCK = 14  # linux/capability.h
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def memory_pinning_refused() -> Iterator[None]:
+    """Within it, this thread cannot pin (mlock) memory. ExecuTorch's Python bindings map a program
+    and pin what they load, ignoring a refusal: SPHINX-Tiny's constant segment, the fp32 token
+    embedding table (254 MiB) of which an answer reads a few rows, would stay resident all along.
+    An unprivileged process is refused already (RLIMIT_MEMLOCK, 8 MiB by default); a root one, as
+    in most containers, is not (CAP_IPC_LOCK), so the same answer took 254 MiB more. Linux only; a
+    no-op elsewhere, and where the limits cannot be changed."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    import resource  # Unix only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, hard))
+    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()  # pid 0: this thread
+    had_lock = libc.capget(ctypes.byref(header), data) == 0 and data[0].effective >> _CAP_IPC_LOCK & 1
+    if had_lock:
+        data[0].effective &= ~(1 << _CAP_IPC_LOCK)
+        had_lock = libc.capset(ctypes.byref(header), data) == 0
+    try:
+        yield
+    finally:
+        if had_lock:
+            data[0].effective |= 1 << _CAP_IPC_LOCK
+            libc.capset(ctypes.byref(header), data)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))

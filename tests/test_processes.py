@@ -1,10 +1,13 @@
-"""Spawned stage processes (sphinx_edge.processes): they answer, and they keep the parent's quiet loggers."""
+"""Spawned stage processes (sphinx_edge.processes): they answer, and they keep the parent's quiet loggers;
+memory pinning refused where asked."""
 
+import ctypes
 import logging
+import sys
 
 import pytest
 
-from sphinx_edge.processes import ChildFailed, run_in_child
+from sphinx_edge.processes import ChildFailed, memory_pinning_refused, run_in_child
 
 
 def level_of(name: str) -> int:
@@ -43,3 +46,19 @@ def test_a_childs_progress_reaches_the_parent_in_order_before_its_answer():
     lines = []
     assert run_in_child(count_to, 3, on_progress=lines.append) == "done"
     assert lines == ["1 of 3", "2 of 3", "3 of 3"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mlock's limits are Linux's")
+def test_nothing_is_pinned_within_and_the_limits_come_back():
+    import resource
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(1 << 16)
+    limits = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    could_pin = libc.mlock(buffer, len(buffer)) == 0
+    libc.munlock(buffer, len(buffer))
+    with memory_pinning_refused():
+        assert libc.mlock(buffer, len(buffer)) != 0, "pinned although refused (root keeps CAP_IPC_LOCK?)"
+    assert resource.getrlimit(resource.RLIMIT_MEMLOCK) == limits
+    assert (libc.mlock(buffer, len(buffer)) == 0) == could_pin, "the right to pin did not come back"
+    libc.munlock(buffer, len(buffer))

@@ -1,12 +1,9 @@
 """The backends' memory: nothing of a program is pinned in RAM."""
 
-import ctypes
-import resource
 import sys
 
 import pytest
 
-from sphinx_edge.runtime.backends import memory_pinning_refused
 from sphinx_edge.runtime.pipeline import Pipeline
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="mlock's limits and /proc/self/status are Linux's")
@@ -15,20 +12,6 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="mlock's limits 
 def _locked_kib() -> int:
     with open("/proc/self/status", encoding="ascii") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmLck:"))
-
-
-@linux_only
-def test_nothing_is_pinned_within_and_the_limits_come_back():
-    libc = ctypes.CDLL(None, use_errno=True)
-    buffer = ctypes.create_string_buffer(1 << 16)
-    limits = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    could_pin = libc.mlock(buffer, len(buffer)) == 0
-    libc.munlock(buffer, len(buffer))
-    with memory_pinning_refused():
-        assert libc.mlock(buffer, len(buffer)) != 0, "pinned although refused (root keeps CAP_IPC_LOCK?)"
-    assert resource.getrlimit(resource.RLIMIT_MEMLOCK) == limits
-    assert (libc.mlock(buffer, len(buffer)) == 0) == could_pin, "the right to pin did not come back"
-    libc.munlock(buffer, len(buffer))
 
 
 @linux_only
