@@ -37,8 +37,6 @@ class RowChunkedMlp(nn.Module):
         self.mlp, self.chunk_positions, self.whole_bytes = mlp, chunk_positions, whole_bytes
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            return self.mlp(x)
         height, width = x.shape[1], x.shape[2]
         rows = max(1, self.chunk_positions // width)
         if height * width * self.mlp.fc1.out_features * 4 <= self.whole_bytes or rows >= height:
