@@ -33,7 +33,8 @@ from sphinx_edge.export.graphs import PastKVDecoder, TokenEmbedding, VisionEncod
 from sphinx_edge.export.memory import ScratchWeights, release_memory
 from sphinx_edge.export.provenance import shared_provenance
 from sphinx_edge.export.onnx_int8 import matmul_weights, quantize_matmuls_int8
-from sphinx_edge.export.onnxruntime_rewrites import chunk_convnext_mlps
+from sphinx_edge.export.onnxruntime_rewrites import (chunk_convnext_mlps, fold_layer_scales,
+                                                     matmul_convnext_downsamples)
 from sphinx_edge.model.sphinx import SphinxModel
 from sphinx_edge.runtime.manifest import decoder_io_names
 
@@ -258,10 +259,13 @@ def fuse_gelu(proto: onnx.ModelProto) -> int:
 
 
 def vision_encoder_graph(model: SphinxModel, path: Path, store: ScratchWeights | None = None) -> None:
-    """The vision encoder's graph; ConvNeXt's large MLPs a few rows at a time (onnxruntime_rewrites;
-    `model` is changed in place, with the same fp32 numbers)."""
+    """The vision encoder's graph; layer scales folded into the weights, ConvNeXt's large MLPs a few rows
+    at a time and its downsamplings as matmuls (onnxruntime_rewrites; `model` is changed in place, with
+    the same fp32 numbers)."""
     cfg = model.config
+    fold_layer_scales(model, after_each=store.written if store else None)
     chunk_convnext_mlps(model.convnext)
+    matmul_convnext_downsamples(model.convnext)
     pixels = torch.zeros(2, 3, cfg.convnext.image_size + cfg.dinov2.image_size, cfg.convnext.image_size)
     _export(VisionEncoder(model), (pixels,), ["pixel_values"], ["image_embeds"],
             ({0: Dim("num_views", min=1, max=64)},), path, store=store)

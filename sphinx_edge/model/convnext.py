@@ -53,11 +53,14 @@ class Block(nn.Module):
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_ratio * dim)
-        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # timm's ls_init_value
+        # timm's ls_init_value; None once an export has multiplied it into fc2 (fold_layer_scales)
+        self.gamma: nn.Parameter | None = nn.Parameter(torch.full((dim,), 1e-6))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv_dw(x).permute(0, 2, 3, 1)  # channels-last: norm and MLP act on the last axis
-        y = self.mlp(self.norm(y)) * self.gamma  # layer scale is per channel, so apply it here too
+        y = self.mlp(self.norm(y))
+        if self.gamma is not None:
+            y = y * self.gamma  # layer scale is per channel, so apply it here too
         return x + y.permute(0, 3, 1, 2)
 
 
