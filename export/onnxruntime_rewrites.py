@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sphinx_edge.model import convnext, dinov2
 from sphinx_edge.model.convnext import Block, LayerNorm2d
+from sphinx_edge.model.dinov2 import Block as DINOv2Block
+from sphinx_edge.model.dinov2 import LayerScale, SwiGLUFFNFused
 from sphinx_edge.model.mlp import Mlp
 
 CHUNK_POSITIONS = 512  # rows of the int8 GEMM per chunk: fewer ran it below its speed
@@ -96,8 +97,8 @@ class PatchMatMulDownsample(nn.Module):
         rows, cols = height // k, width // k
         if (rows * k, cols * k) != (height, width):  # a stride-k convolution drops a ragged edge
             x = x[:, :, :rows * k, :cols * k]
+        # One 4-D transpose moves the channels last; the patch shuffle after it moves whole pixels.
         x = x.permute(0, 2, 3, 1)
-        # One 4-D transpose moves the channels last; the patch shuffle then moves whole pixels.
         x = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
         x = x.reshape(-1, rows, k, cols, k, channels).transpose(2, 3).reshape(-1, rows, cols, k * k * channels)
         y = x @ self.weight
@@ -128,7 +129,7 @@ def _scale_outputs(linear: nn.Linear, gain: Tensor) -> None:
 def _branch_end(mlp: nn.Module) -> nn.Linear:
     """The linear layer that ends an MLP branch (ours, chunked or DINOv2's SwiGLU)."""
     mlp = mlp.mlp if isinstance(mlp, RowChunkedMlp) else mlp
-    return mlp.w3 if isinstance(mlp, dinov2.SwiGLUFFNFused) else mlp.fc2
+    return mlp.w3 if isinstance(mlp, SwiGLUFFNFused) else mlp.fc2
 
 
 def fold_layer_scales(model: nn.Module, after_each: Callable[[], None] | None = None) -> int:
@@ -136,6 +137,7 @@ def fold_layer_scales(model: nn.Module, after_each: Callable[[], None] | None = 
     layer that ends its branch, and drops it; returns how many. Already folded ones are left as they are.
     `after_each` runs after each weight is changed: weights in a scratch file hand their pages back
     there (`ScratchWeights.written`), or folding SPHINX-Tiny would make 2.7 GB of them resident."""
+
     def fold(linear: nn.Linear, gain: Tensor) -> None:
         _scale_outputs(linear, gain)
         if after_each:
@@ -143,14 +145,14 @@ def fold_layer_scales(model: nn.Module, after_each: Callable[[], None] | None = 
 
     count = 0
     for block in model.modules():
-        if isinstance(block, convnext.Block) and block.gamma is not None:
+        if isinstance(block, Block) and block.gamma is not None:
             fold(_branch_end(block.mlp), block.gamma)
             block.gamma = None
             count += 1
-        elif isinstance(block, dinov2.Block):
+        elif isinstance(block, DINOv2Block):
             for name, end in (("ls1", block.attn.proj), ("ls2", _branch_end(block.mlp))):
                 scale = getattr(block, name)
-                if isinstance(scale, dinov2.LayerScale):
+                if isinstance(scale, LayerScale):
                     fold(end, scale.gamma)
                     setattr(block, name, nn.Identity())
                     count += 1
