@@ -8,6 +8,7 @@ it replaces stays whole until then. A target that holds an export is replaced on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -169,9 +170,13 @@ def _alive(pid: int) -> bool:
 def _onnx_stage(load: Callable[..., SphinxModel], stage: Path, options: ExportOptions, tokenizer_ids: dict,
                 in_place: bool, log: StageLog) -> dict:
     """The ONNX graphs, quantized, in `stage`; returns the manifest's `graphs.onnx`. (The graphs carry
-    no tokenizer ids, and exporting leaves the model as it was.)"""
+    no tokenizer ids.)"""
     from sphinx_edge.export.onnx import graph_io, quantize_graphs, write_graphs
 
+    # The vision graph rewrites its model in place (onnxruntime_rewrites), so a model the caller holds is
+    # copied per graph; the CLI passes loaders (fresh models), which are rewritten as they are.
+    if not in_place:
+        load = (lambda only=None, store=None, held=load: copy.deepcopy(held(only=only, store=store)))
     with log.stage("onnx graphs"):
         # Each graph made from the parts it reads. (The ONNX decoder's past grows with the sequence: its
         # graphs do not depend on the context.)

@@ -266,3 +266,20 @@ def test_a_failing_pte_stage_stops_the_onnx_process_beside_it(tokenizer_file, tm
                      ExportOptions(formats=("onnx", "pte"), verify=False))
     assert [c for c in _stage_processes(os.getpid()) if _running(c)] == [], "the ONNX process outlived the export"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_the_caller_holds_is_left_as_it_was(model_factory, tokenizer_file, tmp_path):
+    """The ONNX vision graph rewrites its model (layer scales folded, MLPs chunked, downsamplings as
+    matmuls); a model passed in is exported from a copy, never modified."""
+    import torch
+
+    from sphinx_edge.model.convnext import Block
+
+    model = model_factory("test-tiny")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    export_model(model, Tokenizer(tokenizer_file), tmp_path / "out", ExportOptions(verify=False))
+    assert [type(m) for m in model.modules()] == kinds
+    assert all(b.gamma is not None for b in model.modules() if isinstance(b, Block))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
